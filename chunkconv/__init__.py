@@ -1,0 +1,26 @@
+"""chunkconv: convolutions whose kernel is a function of the input, chunked to fit a memory budget."""
+
+from .errors import BatchCoupledGeneratorError, BudgetTooSmallError, ChunkConvError, GeneratorOutputError
+from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
+from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
+from .planner import Plan
+from .reference import dynamic_conv_reference
+
+__all__ = [
+    "BatchCoupledGeneratorError",
+    "BudgetTooSmallError",
+    "ChunkConvError",
+    "DynamicConv",
+    "DynamicConv1d",
+    "DynamicConv2d",
+    "DynamicConv3d",
+    "GeneratorOutputError",
+    "Plan",
+    "dynamic_conv",
+    "dynamic_conv1d",
+    "dynamic_conv2d",
+    "dynamic_conv3d",
+    "dynamic_conv_reference",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""The autograd Function: forward chunk by chunk without a graph, recompute in backward.
+
+It only wires autograd to the executor. Forward keeps the input, the bias and
+the generator's parameters (as ``torch.utils.checkpoint`` does, plus the RNG
+and autocast state so that recomputation replays exactly what forward did);
+backward re-runs every chunk with grad enabled. The generator's parameters are
+explicit inputs of the Function, so ``torch.autograd.grad``, ``backward(inputs=...)``,
+hooks and DDP see them as ordinary leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .execute import Generator, backward_chunks, forward_chunks
+from .geometry import ConvGeometry
+
+__all__ = ["DynamicConvFunction", "ForwardContext"]
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything non-tensor the Function needs to run and to replay a call."""
+
+    generator: Generator
+    param_names: tuple[str, ...]  # the generator's parameters, in the order passed to apply()
+    geom: ConvGeometry
+    chunk_size: int
+    out_dtype: torch.dtype
+
+
+class _ReplayState:
+    """RNG and autocast state captured before forward, restored around recomputation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = {
+            kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in {device.type, "cpu"}
+        }
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    def replay(self, fn):
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with _autocast_stack(self.autocast, self.autocast_cache):
+                return fn()
+
+
+class _autocast_stack:
+    def __init__(self, states: dict[str, tuple[bool, torch.dtype]], cache: bool) -> None:
+        self.contexts = [
+            torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
+            for kind, (enabled, dtype) in states.items()
+        ]
+
+    def __enter__(self) -> None:
+        for ctx in self.contexts:
+            ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for ctx in reversed(self.contexts):
+            ctx.__exit__(*exc)
+
+
+class DynamicConvFunction(torch.autograd.Function):
+    """``apply(input, bias, run: ForwardContext, *generator_params) -> output``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, bias: Tensor | None, run: ForwardContext, *params: Tensor) -> Tensor:
+        ctx.run = run
+        ctx.replay = _ReplayState(input.device)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(input, *params)
+        y = forward_chunks(input, run.generator, run.geom, run.chunk_size, run.out_dtype)
+        if bias is not None:
+            y += _broadcast_bias(bias, run.geom).to(y.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        input, *params = ctx.saved_tensors
+        run: ForwardContext = ctx.run
+        needs = ctx.needs_input_grad
+        input_grad, bias_grad, param_needs = needs[0], needs[1], needs[3:]
+        # Differentiate w.r.t. detached stand-ins, not the parameters themselves: the
+        # per-chunk autograd.grad calls must not fire the user's (or DDP's) hooks on the
+        # real parameters with partial gradients; autograd delivers the sum once.
+        stand_ins = [p.detach().requires_grad_(need) for p, need in zip(params, param_needs)]
+        generator = _with_parameters(run.generator, run.param_names, stand_ins)
+        grad_bias = None
+        if bias_grad:
+            spatial = tuple(range(2, grad_y.dim()))
+            grad_bias = grad_y.sum(dim=(0, *spatial), dtype=torch.promote_types(grad_y.dtype, torch.float32))
+        grad_y = grad_y.contiguous()
+
+        def recompute():
+            with torch.enable_grad():
+                return backward_chunks(
+                    input, generator, stand_ins, run.geom, run.chunk_size, grad_y, input_grad=input_grad
+                )
+
+        grad_x, param_grads = ctx.replay.replay(recompute)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return (grad_x, grad_bias, None, *param_grads)
+
+
+def _with_parameters(generator: Generator, names: tuple[str, ...], tensors: list[Tensor]) -> Generator:
+    """``generator`` called with ``tensors`` in place of its parameters ``names``."""
+    if not names:
+        return generator
+    mapping = dict(zip(names, tensors))
+    return lambda patches: torch.func.functional_call(generator, mapping, (patches,))  # type: ignore[arg-type]
+
+
+def _broadcast_bias(bias: Tensor, geom: ConvGeometry) -> Tensor:
+    return bias.view(1, -1, *([1] * geom.ndim))

@@ -1,0 +1,35 @@
+"""The package's exception hierarchy: one base class for everything chunkconv raises itself."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchCoupledGeneratorError",
+    "BudgetTooSmallError",
+    "ChunkConvError",
+    "GeneratorOutputError",
+]
+
+
+class ChunkConvError(Exception):
+    """Base class of chunkconv's own errors (bad values still raise ``ValueError``)."""
+
+
+class GeneratorOutputError(ChunkConvError, ValueError):
+    """The generator returned something other than one weight per patch."""
+
+
+class BatchCoupledGeneratorError(ChunkConvError, ValueError):
+    """The generator mixes patches of one call (e.g. BatchNorm in training mode).
+
+    Its result would depend on how the patches are chunked, so chunkconv refuses
+    it unless the caller opts in with ``allow_batch_coupled=True``.
+    """
+
+
+class BudgetTooSmallError(ChunkConvError, ValueError):
+    """Even the smallest chunk does not fit in the memory budget."""
+
+    def __init__(self, message: str, *, budget: int, minimum: int) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.minimum = minimum

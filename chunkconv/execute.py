@@ -1,0 +1,220 @@
+"""Stream a dynamic convolution chunk by chunk over the patch dimension.
+
+The executor owns the tensor work: padding the input once, gathering the
+patches of a chunk straight from a strided view of the padded input (the whole
+unfold never exists), running the generator on them, contracting each patch
+with its own weight, and, in backward, recomputing each chunk and scattering
+its patch gradients back. Chunks are ranges of the flat ``N * L`` patch index,
+so a chunk may span several images and no size has to divide another.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import GeneratorOutputError
+from .geometry import ConvGeometry
+
+__all__ = [
+    "ChunkIndex",
+    "backward_chunks",
+    "chunk_ranges",
+    "contract",
+    "forward_chunks",
+    "gather_patches",
+    "pad_input",
+    "run_generator",
+]
+
+Generator = Callable[[Tensor], Tensor]
+
+
+def chunk_ranges(total: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``range(total)`` in steps of ``chunk_size``."""
+    for start in range(0, total, chunk_size):
+        yield start, min(start + chunk_size, total)
+
+
+def pad_input(x: Tensor, geom: ConvGeometry) -> Tensor:
+    """``x`` padded as ``nn.Conv*d`` pads it for ``padding_mode`` (``x`` itself if unpadded)."""
+    if not geom.is_padded:
+        return x
+    mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
+    return F.pad(x, geom.torch_pad, mode=mode)
+
+
+@dataclass(frozen=True)
+class ChunkIndex:
+    """The locations of one chunk: image index and output coordinates, each ``(B,)``."""
+
+    start: int
+    end: int
+    image: Tensor
+    coords: tuple[Tensor, ...]
+    flat: Tensor  # location within its image, 0 <= flat < L
+
+    @classmethod
+    def build(cls, start: int, end: int, geom: ConvGeometry, device: torch.device) -> ChunkIndex:
+        pos = torch.arange(start, end, device=device)
+        per_image = geom.locations_per_image
+        image, flat = pos // per_image, pos % per_image
+        coords = []
+        rest = flat
+        for size in reversed(geom.out_spatial):
+            coords.append(rest % size)
+            rest = rest // size
+        return cls(start, end, image, tuple(reversed(coords)), flat)
+
+    @property
+    def index(self) -> tuple[Tensor, ...]:
+        return (self.image, *self.coords)
+
+
+def _patch_view(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
+    """A zero-copy view ``(N, *out_spatial, C, *kernel_size)`` of every patch.
+
+    Patches overlap in memory, so this view is read-only in spirit; it is only
+    ever indexed, which copies the selected patches out.
+    """
+    s_n, s_c, *s_sp = x_pad.stride()
+    size = (geom.batch, *geom.out_spatial, geom.in_channels, *geom.kernel_size)
+    stride = (
+        s_n,
+        *(st * s for st, s in zip(geom.stride, s_sp)),
+        s_c,
+        *(dil * s for dil, s in zip(geom.dilation, s_sp)),
+    )
+    return x_pad.as_strided(size, stride)
+
+
+def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
+    """The chunk's patches as generator rows ``(B, C * prod(kernel_size))``, ``F.unfold`` order."""
+    return _patch_view(x_pad, geom)[chunk.index].reshape(chunk.end - chunk.start, geom.patch_size)
+
+
+def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
+    """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (contiguous, padded shape).
+
+    One kernel tap at a time: for a fixed tap the map from location to input
+    element is injective, so each write is a plain accumulate without aliasing.
+    """
+    s_n, s_c, *s_sp = grad_pad.stride()
+    size = (geom.batch, *geom.out_spatial, geom.in_channels)
+    stride = (s_n, *(st * s for st, s in zip(geom.stride, s_sp)), s_c)
+    per_tap = grad_patches.view(-1, geom.in_channels, geom.kernel_numel)
+    taps = itertools.product(*(range(k) for k in geom.kernel_size))
+    for t, tap in enumerate(taps):
+        offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
+        view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
+        view.index_put_(chunk.index, per_tap[:, :, t], accumulate=True)
+
+
+def run_generator(generator: Generator, patches: Tensor, geom: ConvGeometry) -> Tensor:
+    """Call the generator and return its weights as ``(B, out_channels, (C // groups) * K)``.
+
+    Raises:
+        GeneratorOutputError: the output is not one weight per patch.
+    """
+    weights = generator(patches)
+    rows = patches.shape[0]
+    flat = (rows, geom.weight_numel)
+    full = (rows, *geom.weight_shape)
+    if not isinstance(weights, Tensor) or tuple(weights.shape) not in (flat, full):
+        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise GeneratorOutputError(
+            f"The generator must return one weight per patch: expected shape {full} or {flat} "
+            f"for {rows} patches of {geom.patch_size} features "
+            f"(out_channels={geom.out_channels}, in_channels // groups="
+            f"{geom.in_channels // geom.groups}, kernel_size={geom.kernel_size}), got {got}."
+        )
+    return weights.reshape(rows, geom.out_channels, geom.patch_size // geom.groups)
+
+
+def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
+    """Apply each patch's weight to that patch: ``(B, O, Cg*K) x (B, C*K) -> (B, O)``."""
+    rows, groups = patches.shape[0], geom.groups
+    per_group = geom.patch_size // groups
+    w = weights.reshape(rows * groups, geom.out_channels // groups, per_group)
+    p = patches.reshape(rows * groups, per_group, 1)
+    return torch.bmm(w, p).view(rows, geom.out_channels)
+
+
+def _output_rows(y: Tensor, geom: ConvGeometry) -> Tensor:
+    """``y`` viewed as ``(N, L, O)`` so that a chunk's ``(B, O)`` rows index into it."""
+    return y.view(geom.batch, geom.out_channels, geom.locations_per_image).transpose(1, 2)
+
+
+def forward_chunks(
+    x: Tensor,
+    generator: Generator,
+    geom: ConvGeometry,
+    chunk_size: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """The convolution's output ``(N, O, *out_spatial)``, without bias, one chunk at a time."""
+    y = torch.empty((geom.batch, geom.out_channels, *geom.out_spatial), dtype=out_dtype, device=x.device)
+    rows = _output_rows(y, geom)
+    x_pad = pad_input(x, geom)
+    for start, end in chunk_ranges(geom.num_patches, chunk_size):
+        chunk = ChunkIndex.build(start, end, geom, x.device)
+        patches = gather_patches(x_pad, chunk, geom)
+        out = contract(run_generator(generator, patches, geom), patches, geom)
+        rows[chunk.image, chunk.flat] = out.to(out_dtype)
+    return y
+
+
+def backward_chunks(
+    x: Tensor,
+    generator: Generator,
+    params: Sequence[Tensor],
+    geom: ConvGeometry,
+    chunk_size: int,
+    grad_y: Tensor,
+    *,
+    input_grad: bool,
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Recompute every chunk and return the gradients of ``x`` and of ``params``.
+
+    Must run with grad mode enabled and with the RNG and autocast state of the
+    forward restored by the caller, so that each chunk is recomputed exactly.
+    Parameter gradients are summed over chunks; patch gradients are scattered
+    into one padded buffer that is mapped back through the padding at the end.
+    """
+    wanted = [p for p in params if p.requires_grad]
+    if not (input_grad or wanted):
+        return None, [None] * len(params)
+    x_leaf = x.detach().requires_grad_(input_grad)
+    x_pad = pad_input(x_leaf, geom)
+    source = x_pad.detach()
+    grad_pad = torch.zeros(source.shape, dtype=x.dtype, device=x.device) if input_grad else None
+    grad_rows = _output_rows(grad_y, geom)
+    param_grads: list[Tensor | None] = [None] * len(wanted)
+    for start, end in chunk_ranges(geom.num_patches, chunk_size):
+        chunk = ChunkIndex.build(start, end, geom, x.device)
+        patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
+        out = contract(run_generator(generator, patches, geom), patches, geom)
+        targets = ([patches] if input_grad else []) + wanted
+        grads = torch.autograd.grad(
+            out, targets, grad_rows[chunk.image, chunk.flat].to(out.dtype), allow_unused=True
+        )
+        if input_grad:
+            assert grad_pad is not None
+            scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)
+            grads = grads[1:]
+        for i, g in enumerate(grads):
+            if g is not None:
+                previous = param_grads[i]
+                param_grads[i] = g if previous is None else previous + g
+    grad_x = None
+    if input_grad:
+        assert grad_pad is not None
+        grad_x = grad_pad if x_pad is x_leaf else torch.autograd.grad(x_pad, x_leaf, grad_pad)[0]
+    by_param = iter(param_grads)
+    all_grads = [next(by_param) if p.requires_grad else None for p in params]
+    return grad_x, all_grads

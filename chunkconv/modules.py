@@ -1,0 +1,166 @@
+"""``DynamicConv`` and its fixed-dimension forms: the layer users wrap their generator with."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import apply_spec
+from .geometry import conv_spec
+
+__all__ = ["DynamicConv", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
+
+
+class DynamicConv(nn.Module):
+    """A convolution whose kernel at every location is generated from that location's patch.
+
+    For every sliding-window patch, ``generator`` maps the patch (a row of
+    ``in_channels * prod(kernel_size)`` features in ``F.unfold`` order) to the
+    weight ``F.conv*d`` would take there, ``(out_channels, in_channels // groups,
+    *kernel_size)`` (or flattened), and the output at that location is that
+    weight applied to that patch. The patch dimension is processed in chunks,
+    so neither the whole unfold nor all weights ever exist, and backward
+    recomputes each chunk instead of storing it.
+
+    Args:
+        generator: an ``nn.Module`` (registered as a submodule, so its
+            parameters train) or any callable ``(B, P) -> (B, out * in/groups * K)``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias, padding_mode, device, dtype: as for ``nn.Conv*d``.
+            The number of spatial dims is ``len(kernel_size)`` (an int means 2-D).
+        chunk_size: patches per chunk, overriding the planner. Default: ``None``.
+        allow_batch_coupled: run generators whose rows interact (BatchNorm in
+            training mode, attention) although their results then depend on
+            the chunking. Default: ``False``.
+
+    Shape:
+        Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
+        ``(N, C_out, *out)`` with ``out = floor((in + 2*padding - dilation*(k-1) - 1) / stride) + 1``,
+        torch's formula.
+
+    Examples:
+        >>> import torch, chunkconv
+        >>> P = 4 * 3 * 3
+        >>> gen = torch.nn.Sequential(torch.nn.Linear(P, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6 * P))
+        >>> conv = chunkconv.DynamicConv(gen, 4, 6, kernel_size=3, padding=1)
+        >>> conv(torch.randn(2, 4, 10, 10)).shape
+        torch.Size([2, 6, 10, 10])
+    """
+
+    _ndim: int | None = None
+
+    def __init__(
+        self,
+        generator: nn.Module | Callable[[Tensor], Tensor],
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        chunk_size: int | None = None,
+        allow_batch_coupled: bool = False,
+    ) -> None:
+        super().__init__()
+        if not callable(generator):
+            raise TypeError(
+                f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
+            )
+        self.spec = conv_spec(
+            self._ndim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+        )
+        self.generator = generator
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
+        self.chunk_size = chunk_size
+        self.allow_batch_coupled = allow_batch_coupled
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # nn.Conv*d attribute names, read from the checked spec
+    in_channels = property(lambda self: self.spec.in_channels)
+    out_channels = property(lambda self: self.spec.out_channels)
+    kernel_size = property(lambda self: self.spec.kernel_size)
+    stride = property(lambda self: self.spec.stride)
+    padding = property(lambda self: self.spec.padding)
+    dilation = property(lambda self: self.spec.dilation)
+    groups = property(lambda self: self.spec.groups)
+    padding_mode = property(lambda self: self.spec.padding_mode)
+
+    def reset_parameters(self) -> None:
+        """Initialise the bias as ``nn.Conv*d`` does; the generator keeps its own initialisation."""
+        if self.bias is not None:
+            fan_in = self.spec.in_channels // self.spec.groups * math.prod(self.spec.kernel_size)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return apply_spec(
+            input,
+            self.generator,
+            self.spec,
+            self.bias,
+            chunk_size=self.chunk_size,
+            allow_batch_coupled=self.allow_batch_coupled,
+            op=type(self).__name__,
+        )
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"{s.in_channels}, {s.out_channels}, kernel_size={s.kernel_size}"]
+        ones = (1,) * s.ndim
+        if s.stride != ones:
+            parts.append(f"stride={s.stride}")
+        if s.padding not in ("valid", (0,) * s.ndim):
+            parts.append(f"padding={s.padding!r}")
+        if s.dilation != ones:
+            parts.append(f"dilation={s.dilation}")
+        if s.groups != 1:
+            parts.append(f"groups={s.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        if s.padding_mode != "zeros":
+            parts.append(f"padding_mode={s.padding_mode!r}")
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        if self.allow_batch_coupled:
+            parts.append("allow_batch_coupled=True")
+        return ", ".join(parts)
+
+
+class DynamicConv1d(DynamicConv):
+    """:class:`DynamicConv` over one spatial dimension (input ``(N, C, L)``)."""
+
+    _ndim = 1
+
+
+class DynamicConv2d(DynamicConv):
+    """:class:`DynamicConv` over two spatial dimensions (input ``(N, C, H, W)``)."""
+
+    _ndim = 2
+
+
+class DynamicConv3d(DynamicConv):
+    """:class:`DynamicConv` over three spatial dimensions (input ``(N, C, D, H, W)``)."""
+
+    _ndim = 3

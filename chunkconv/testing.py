@@ -1,0 +1,184 @@
+"""Helpers for testing code that uses chunkconv: hypothesis strategies and assertions.
+
+Importing this module needs ``hypothesis`` (a dependency of chunkconv). The
+strategies draw valid dynamic-convolution configurations with small, bounded
+sizes; :func:`assert_matches_reference` compares a chunkconv call with the
+unchunked oracle, output and gradients, and prints the failing call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from .geometry import PADDING_MODES, ConvSpec, conv_spec
+
+__all__ = [
+    "ConvCase",
+    "assert_matches_reference",
+    "conv_cases",
+    "mlp_generator",
+]
+
+
+def mlp_generator(
+    spec: ConvSpec,
+    hidden: int = 8,
+    *,
+    activation: type[nn.Module] = nn.Tanh,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """``Linear(P, hidden) -> activation -> Linear(hidden, weight size)``, the typical generator.
+
+    ``Tanh`` by default: smooth, so ``gradcheck`` does not trip on kinks.
+    """
+    patch = spec.in_channels * math.prod(spec.kernel_size)
+    weight = spec.out_channels * spec.in_channels // spec.groups * math.prod(spec.kernel_size)
+    return nn.Sequential(nn.Linear(patch, hidden), activation(), nn.Linear(hidden, weight)).to(
+        device=device, dtype=dtype
+    )
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One drawn configuration: the arguments, the input shape and a chunk size."""
+
+    spec: ConvSpec
+    input_shape: tuple[int, ...]
+    chunk_size: int
+    bias: bool
+    kwargs: dict = field(repr=False)
+
+    @property
+    def num_patches(self) -> int:
+        batched = self.input_shape if len(self.input_shape) == self.spec.ndim + 2 else (1, *self.input_shape)
+        return math.prod(self.spec.geometry(batched).out_spatial) * batched[0]
+
+
+def _min_size(kernel: int, dilation: int, pads: tuple[int, int], mode: str) -> int:
+    receptive = dilation * (kernel - 1) + 1
+    need = max(1, receptive - sum(pads))
+    if mode == "reflect":
+        need = max(need, max(pads) + 1)
+    elif mode == "circular":
+        need = max(need, max(pads))
+    return need
+
+
+@st.composite
+def conv_cases(
+    draw: st.DrawFn,
+    *,
+    ndims: Sequence[int] = (1, 2, 3),
+    max_batch: int = 3,
+    allow_unbatched: bool = True,
+    allow_empty: bool = True,
+) -> ConvCase:
+    """Draw a valid configuration over every argument ``nn.Conv*d`` takes.
+
+    Sizes are bounded so that the unchunked reference stays cheap: at most
+    4 channels, kernels up to 3, a few dozen patches per image.
+    """
+    ndim = draw(st.sampled_from(tuple(ndims)), label="ndim")
+    groups = draw(st.sampled_from((1, 2)), label="groups")
+    in_channels = groups * draw(st.integers(1, 2), label="in_per_group")
+    out_channels = groups * draw(st.integers(1, 2), label="out_per_group")
+    max_k = (4, 3, 2)[ndim - 1]
+    kernel = tuple(draw(st.lists(st.integers(1, max_k), min_size=ndim, max_size=ndim), label="kernel_size"))
+    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=ndim, max_size=ndim), label="dilation"))
+    padding = draw(
+        st.one_of(
+            st.sampled_from(("same", "valid")),
+            st.lists(st.integers(0, 2), min_size=ndim, max_size=ndim).map(tuple),
+        ),
+        label="padding",
+    )
+    if padding == "same":
+        stride = (1,) * ndim
+    else:
+        stride = tuple(draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim), label="stride"))
+    padding_mode = draw(st.sampled_from(PADDING_MODES), label="padding_mode")
+    spec = conv_spec(
+        ndim,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    if padding == "same":
+        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+    elif padding == "valid":
+        pads = [(0, 0)] * ndim
+    else:
+        pads = [(p, p) for p in padding]
+    span = (7, 4, 2)[ndim - 1]
+    spatial = tuple(
+        draw(st.integers(lo, lo + span), label=f"size[{i}]")
+        for i, lo in enumerate(_min_size(k, d, p, padding_mode) for k, d, p in zip(kernel, dilation, pads))
+    )
+    batch = draw(st.integers(0 if allow_empty else 1, max_batch), label="batch")
+    unbatched = allow_unbatched and batch == 1 and draw(st.booleans(), label="unbatched")
+    shape = (in_channels, *spatial) if unbatched else (batch, in_channels, *spatial)
+    geom = spec.geometry(shape if not unbatched else (1, *shape))
+    chunk_size = draw(st.integers(1, max(1, geom.num_patches + 2)), label="chunk_size")
+    bias = draw(st.booleans(), label="bias")
+    kwargs = dict(
+        out_channels=out_channels,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    return ConvCase(spec, shape, chunk_size, bias, kwargs)
+
+
+def assert_matches_reference(
+    run: Callable[[Tensor], Tensor],
+    reference: Callable[[Tensor], Tensor],
+    x: Tensor,
+    wrt: Sequence[Tensor] = (),
+    *,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    context: str = "",
+) -> None:
+    """Assert ``run(x)`` equals ``reference(x)``, and so do the gradients of ``x`` and ``wrt``.
+
+    One random upstream gradient is used for both; on failure the message names
+    the tensor that differs, the largest difference and ``context`` (the call).
+    """
+    leaves = ([x] if x.requires_grad else []) + [t for t in wrt if t.requires_grad]
+    got, want = run(x), reference(x)
+    _assert_close(got, want, "output", rtol, atol, context)
+    if not leaves or got.numel() == 0:
+        return
+    upstream = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, leaves, upstream, allow_unused=True)
+    want_grads = torch.autograd.grad(want, leaves, upstream, allow_unused=True)
+    names = (["input"] if x.requires_grad else []) + [f"wrt[{i}]" for i, t in enumerate(wrt) if t.requires_grad]
+    for name, g, w in zip(names, got_grads, want_grads):
+        g = torch.zeros_like(leaves[names.index(name)]) if g is None else g
+        w = torch.zeros_like(leaves[names.index(name)]) if w is None else w
+        _assert_close(g, w, f"gradient of {name}", rtol, atol, context)
+
+
+def _assert_close(got: Tensor, want: Tensor, what: str, rtol: float, atol: float, context: str) -> None:
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != reference {tuple(want.shape)}\n{context}")
+    if got.dtype != want.dtype:
+        raise AssertionError(f"{what}: dtype {got.dtype} != reference {want.dtype}\n{context}")
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        diff = (got - want).abs().max().item()
+        raise AssertionError(f"{what} differs from the reference: max abs diff {diff:.3e}\n{context}")
