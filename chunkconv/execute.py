@@ -23,6 +23,7 @@ from .geometry import ConvGeometry
 
 __all__ = [
     "ChunkIndex",
+    "accumulation_dtype",
     "backward_chunks",
     "chunk_ranges",
     "contract",
@@ -185,14 +186,15 @@ def backward_chunks(
     forward restored by the caller, so that each chunk is recomputed exactly.
     Parameter gradients are summed over chunks; patch gradients are scattered
     into one padded buffer that is mapped back through the padding at the end.
+    Both sums run in at least float32 (:func:`accumulation_dtype`), so that a
+    half-precision call does not lose accuracy as the number of chunks grows;
+    the results are cast back to the dtypes of ``x`` and ``params``.
     """
     wanted = [p for p in params if p.requires_grad]
     if not (input_grad or wanted):
         return None, [None] * len(params)
-    x_leaf = x.detach().requires_grad_(input_grad)
-    x_pad = pad_input(x_leaf, geom)
-    source = x_pad.detach()
-    grad_pad = torch.zeros(source.shape, dtype=x.dtype, device=x.device) if input_grad else None
+    source = pad_input(x.detach(), geom)
+    grad_pad = torch.zeros(source.shape, dtype=accumulation_dtype(x.dtype), device=x.device) if input_grad else None
     grad_rows = _output_rows(grad_y, geom)
     param_grads: list[Tensor | None] = [None] * len(wanted)
     for start, end in chunk_ranges(geom.num_patches, chunk_size):
@@ -208,13 +210,39 @@ def backward_chunks(
             scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)
             grads = grads[1:]
         for i, g in enumerate(grads):
-            if g is not None:
-                previous = param_grads[i]
-                param_grads[i] = g if previous is None else previous + g
+            if g is None:
+                continue
+            if param_grads[i] is None:
+                param_grads[i] = g.to(accumulation_dtype(g.dtype), copy=True)
+            else:
+                param_grads[i].add_(g)
+    del source
     grad_x = None
     if input_grad:
         assert grad_pad is not None
-        grad_x = grad_pad if x_pad is x_leaf else torch.autograd.grad(x_pad, x_leaf, grad_pad)[0]
+        grad_x = _unpad_grad(grad_pad, x, geom).to(x.dtype)
     by_param = iter(param_grads)
-    all_grads = [next(by_param) if p.requires_grad else None for p in params]
+    all_grads = [_cast(next(by_param), p.dtype) if p.requires_grad else None for p in params]
     return grad_x, all_grads
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over chunks run in: ``dtype``, but at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _unpad_grad(grad_pad: Tensor, x: Tensor, geom: ConvGeometry) -> Tensor:
+    """The gradient of ``x`` given that of ``pad_input(x)``, in ``grad_pad``'s dtype.
+
+    Differentiates the padding of a stand-in for ``x`` in that dtype: a crop
+    for zero padding, a crop plus folded-back borders for the other modes.
+    """
+    if not geom.is_padded:
+        return grad_pad
+    leaf = x.detach().to(grad_pad.dtype).requires_grad_()
+    with torch.enable_grad():
+        return torch.autograd.grad(pad_input(leaf, geom), leaf, grad_pad)[0]
