@@ -39,6 +39,10 @@ _ATTENTION_TYPES = (
 )
 
 
+# The dtypes autocast casts to its lower precision (it leaves float64 alone).
+_AUTOCAST_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
 def _batch_coupled_reason(generator: Generator) -> str | None:
     if not isinstance(generator, nn.Module):
         return None
@@ -81,10 +85,12 @@ def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool)
                 f"The generator's {name!r} is on {tensor.device} but the input is on {x.device}; "
                 "expected both on the same device (move the generator with .to(device))."
             )
-        if not autocast and tensor.is_floating_point() and tensor.dtype != x.dtype:
+        cast_by_autocast = autocast and {tensor.dtype, x.dtype} <= _AUTOCAST_DTYPES
+        if tensor.is_floating_point() and tensor.dtype != x.dtype and not cast_by_autocast:
             raise ValueError(
                 f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {x.dtype}; "
-                "expected the same dtype (convert one with .to(dtype), or run under torch.autocast)."
+                "expected the same dtype (convert one with .to(dtype), or run under torch.autocast, "
+                "which casts float32/float16/bfloat16 but not float64)."
             )
     return params
 
@@ -92,7 +98,7 @@ def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool)
 def _result_dtype(x: Tensor) -> torch.dtype:
     """The output dtype torch's conv would give for ``x`` under the current autocast state."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if torch.is_autocast_enabled(kind) and x.dtype in _AUTOCAST_DTYPES:
         return torch.get_autocast_dtype(kind)
     return x.dtype
 
