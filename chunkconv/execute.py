@@ -227,7 +227,7 @@ def backward_chunks(
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums over chunks run in: ``dtype``, but at least float32 (float64 stays float64)."""
+    """Return the dtype sums over chunks run in: ``dtype``, but at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -236,7 +236,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _unpad_grad(grad_pad: Tensor, x: Tensor, geom: ConvGeometry) -> Tensor:
-    """The gradient of ``x`` given that of ``pad_input(x)``, in ``grad_pad``'s dtype.
+    """Map the gradient of ``pad_input(x)`` back to ``x``, in ``grad_pad``'s dtype.
 
     Differentiates the padding of a stand-in for ``x`` in that dtype: a crop
     for zero padding, a crop plus folded-back borders for the other modes.
