@@ -87,6 +87,14 @@ class DynamicConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
+        with torch.no_grad():
+            grads = DynamicConvFunction._backward(ctx, grad_y)
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may be taken
+            return _refuse_double_backward(grads)
+        return grads
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
         input, *params = ctx.saved_tensors
         run: ForwardContext = ctx.run
         needs = ctx.needs_input_grad
@@ -112,6 +120,30 @@ class DynamicConvFunction(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return (grad_x, grad_bias, None, *param_grads)
+
+
+_DOUBLE_BACKWARD_MESSAGE = (
+    "chunkconv does not support double backward (differentiating a gradient that flowed through "
+    "a dynamic convolution, as gradient penalties and Hessian-vector products do): its backward "
+    "recomputes every chunk without recording a graph. For such a term, use "
+    "chunkconv.dynamic_conv_reference (unchunked, plain autograd) with the same generator and arguments."
+)
+
+
+def _refuse_double_backward(grads: tuple) -> tuple:
+    """Return ``grads`` as tensors whose own backward raises a clear error.
+
+    As ``torch.autograd.function.once_differentiable`` does, but unconditionally
+    under ``create_graph=True`` (not only when the upstream gradient requires
+    grad): otherwise a gradient penalty would silently miss this layer's
+    contribution instead of failing.
+    """
+    tensors = [g for g in grads if isinstance(g, Tensor)]
+    if not tensors:
+        return grads
+    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE.encode(), len(tensors))
+    wrapped = iter(err(*[g.detach().requires_grad_() for g in tensors]))
+    return tuple(next(wrapped) if isinstance(g, Tensor) else g for g in grads)
 
 
 def _with_parameters(generator: Generator, names: tuple[str, ...], tensors: list[Tensor]) -> Generator:
