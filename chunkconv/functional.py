@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .errors import BatchCoupledGeneratorError
 from .execute import forward_chunks
@@ -160,6 +161,7 @@ def prepare(
     return x, unbatched, geom, params, plan
 
 
+@opaque_to_compile
 def apply_spec(
     input: Tensor,
     generator: Generator,
