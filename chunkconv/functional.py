@@ -9,6 +9,7 @@ when not (no saved tensors under ``torch.no_grad``/``inference_mode``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -60,6 +61,19 @@ def _batch_coupled_reason(generator: Generator) -> str | None:
     return None
 
 
+def _sharded_reason(generator: Generator) -> str | None:
+    """Say where the generator is wrapped by FSDP, whose forward would fight the recomputation."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded by anyone who can have wrapped it
+    if fsdp is None or not isinstance(generator, nn.Module):
+        return None
+    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
+    for name, module in generator.named_modules():
+        if isinstance(module, kinds):
+            where = f"the generator's submodule {name!r}" if name else "the generator"
+            return f"{where} is sharded by {type(module).__name__}"
+    return None
+
+
 def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool) -> dict[str, Tensor]:
     """Refuse generators that cannot work on ``x``; return the parameters autograd must track."""
     if not callable(generator):
@@ -76,6 +90,15 @@ def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool)
                 "normalisation (LayerNorm, GroupNorm), or pass allow_batch_coupled=True to accept "
                 "chunk-dependent results."
             )
+    sharded = _sharded_reason(generator)
+    if sharded is not None:
+        raise ValueError(
+            f"Invalid `generator`: {sharded}. FSDP gathers and frees the parameters of a module "
+            "around each of its forward calls, but chunkconv calls the generator once per chunk and "
+            "again per chunk in backward with its parameters swapped for stand-ins, so its gradients "
+            "would be lost. Shard the DynamicConv layer (or a module containing it) instead: "
+            "fully_shard(conv), not fully_shard(conv.generator)."
+        )
     if not isinstance(generator, nn.Module):
         return {}
     params = dict(generator.named_parameters())
