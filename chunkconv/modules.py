@@ -145,6 +145,8 @@ class DynamicConv(nn.Module):
             parts.append(f"chunk_size={self.chunk_size}")
         if self.allow_batch_coupled:
             parts.append("allow_batch_coupled=True")
+        if not isinstance(self.generator, nn.Module):  # a module generator prints as a child instead
+            parts.append(f"generator={getattr(self.generator, '__qualname__', None) or type(self.generator).__name__}")
         return ", ".join(parts)
 
 
