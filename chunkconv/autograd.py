@@ -90,7 +90,7 @@ class DynamicConvFunction(torch.autograd.Function):
         with torch.no_grad():
             grads = DynamicConvFunction._backward(ctx, grad_y)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may be taken
-            return _refuse_double_backward(grads)
+            return _refuse_double_backward(grads, ctx.saved_tensors)
         return grads
 
     @staticmethod
@@ -130,19 +130,22 @@ _DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
-def _refuse_double_backward(grads: tuple) -> tuple:
+def _refuse_double_backward(grads: tuple, saved: tuple[Tensor, ...]) -> tuple:
     """Return ``grads`` as tensors whose own backward raises a clear error.
 
     As ``torch.autograd.function.once_differentiable`` does, but unconditionally
     under ``create_graph=True`` (not only when the upstream gradient requires
-    grad): otherwise a gradient penalty would silently miss this layer's
+    grad), and with the saved input and parameters as inputs of the error node
+    too, so that differentiating a gradient with respect to them reaches the
+    error: otherwise a gradient penalty would silently miss this layer's
     contribution instead of failing.
     """
     tensors = [g for g in grads if isinstance(g, Tensor)]
     if not tensors:
         return grads
-    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE.encode(), len(tensors))
-    wrapped = iter(err(*[g.detach().requires_grad_() for g in tensors]))
+    sources = [t for t in saved if t.requires_grad]
+    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE.encode(), len(tensors) + len(sources))
+    wrapped = iter(err(*[g.detach().requires_grad_() for g in tensors], *sources))
     return tuple(next(wrapped) if isinstance(g, Tensor) else g for g in grads)
 
 
