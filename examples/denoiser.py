@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--out", type=Path, default=Path("denoiser_output"), help="folder for the PNGs")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny images (smoke test)")
+    if parser.parse_known_args(argv)[0].quick:  # new defaults; flags given explicitly still win
+        parser.set_defaults(steps=40, batch=4, size=24, hidden=32)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch, args.size, args.hidden = 40, 4, 24, 32
 
     torch.manual_seed(0)
     data = torch.Generator().manual_seed(0)

@@ -60,8 +60,9 @@ def _forum_recipe(size: int, channels: int, hidden: int, extra: int, queue) -> N
         wanted = re.search(r"tried to allocate (\d+) bytes", str(error))
         detail = f"could not allocate {int(wanted[1]) / 2**30:.2f} GiB more" if wanted else str(error)[:90]
         outcome = f"out of memory: {detail}"
-    # Lift the cap before reporting: sending on the queue starts a thread, which needs address space.
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    finally:
+        # Lift the cap before reporting: sending on the queue starts a thread, which needs address space.
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     queue.put(outcome)
 
 
