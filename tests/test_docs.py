@@ -217,7 +217,9 @@ def test_api_entry_matches_the_code(name: str):
         return  # data (e.g. Plan): documented by its fields, not constructed by users
     assert signature is not None, f"docs/api.md: the entry for {name} must start with its signature in a ```text block"
     want = _signature_text(name, obj)
-    assert _normalise(signature) == _normalise(want), f"docs/api.md: {name}\n  documented: {signature}\n  actual:     {want}"
+    assert _normalise(signature) == _normalise(want), (
+        f"docs/api.md: {name}\n  documented: {signature}\n  actual:     {want}"
+    )
     actual_params = set(inspect.signature(obj).parameters) - {"self"}
     assert params == actual_params, (
         f"docs/api.md: {name} describes parameters {sorted(params)}, the code has {sorted(actual_params)}"
