@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny images (smoke test)")
     if parser.parse_known_args(argv)[0].quick:  # new defaults; flags given explicitly still win
-        parser.set_defaults(steps=40, batch=4, size=24, hidden=32)
+        parser.set_defaults(steps=30, batch=4, size=24, hidden=32)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

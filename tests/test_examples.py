@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -103,9 +101,9 @@ def test_familiar_layers_match_their_direct_implementations(capsys):
     assert "refuses it" in capsys.readouterr().out  # BatchNorm in training mode is refused
 
 
-@pytest.mark.parametrize("quick", [["--quick"]])
-def test_training_budget(quick, capsys):
-    results = load_example("training_budget").main(quick)
+def test_training_budget(capsys):
+    results = load_example("training_budget").main(["--quick"])
     assert results["loss_last"] < results["loss_first"]
+    assert results["chunking_difference"] < 1e-5
     out = capsys.readouterr().out
-    assert "Plan" in out
+    assert out.count("Plan") == 2 and "7 chunks" in out, out
