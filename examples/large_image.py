@@ -6,7 +6,7 @@ space is capped (at --recipe-limit-gb above what the child has mapped once torch
 is imported), and fails cleanly; chunkconv runs the same layer, forward and
 backward, streaming the patches in chunks, and prints its peak memory.
 
-    python examples/large_image.py            # 1 x 16 x 1024 x 1024, ~20 s on 2 CPU cores
+    python examples/large_image.py            # 1 x 16 x 1024 x 1024, ~1-2 min on 2 busy CPU cores
     python examples/large_image.py --size 256 # quicker
 """
 
