@@ -97,7 +97,9 @@ class DynamicConv(nn.Module):
         if chunk_size is not None and bad_chunk:
             raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
         self.chunk_size = chunk_size
-        parse_budget(budget, device)  # refuse a bad budget now, not at the first forward
+        # Refuse a malformed budget now, not at the first forward. Only its form is checked, against
+        # the CPU: the layer may be built on "meta" (deferred init), whose free memory is unknown.
+        parse_budget(budget, "cpu")
         self.budget = budget
         self.allow_batch_coupled = allow_batch_coupled
         if bias:
