@@ -241,15 +241,19 @@ def backward_chunks(
     scattered into one padded buffer that is mapped back through the padding at the end.
     A chunk that runs out of device memory is split in two and retried when ``splittable``
     (the generator draws no random numbers, so smaller chunks recompute the same values).
-    Both sums run in at least float32 (:func:`accumulation_dtype`), so that a half-precision
-    call does not lose accuracy as the number of chunks grows; the results are cast back to
-    the dtypes of ``x`` and ``params``.
+    The parameter gradients are summed in at least float32 (:func:`accumulation_dtype`) and
+    cast back at the end, so that a half-precision call does not lose accuracy as the number
+    of chunks grows. The input gradient is accumulated in ``x``'s dtype: each of its elements
+    receives at most ``prod(kernel_size)`` patch gradients whatever the chunking, so a float32
+    buffer (twice the memory of the largest buffer, for half inputs) would buy little.
     """
     wanted = [p for p in params if p.requires_grad]
     if not (input_grad or wanted):
         return None, [None] * len(params)
-    source = pad_input(x.detach(), geom)
-    grad_pad = torch.zeros(source.shape, dtype=accumulation_dtype(x.dtype), device=x.device) if input_grad else None
+    x_leaf = x.detach().requires_grad_(input_grad)
+    x_pad = pad_input(x_leaf, geom)
+    source = x_pad.detach()
+    grad_pad = torch.zeros(source.shape, dtype=x.dtype, device=x.device) if input_grad else None
     grad_rows = _output_rows(grad_y, geom)
     param_grads: list[Tensor | None] = [None] * len(wanted)
     pending = list(reversed(ranges))
@@ -280,11 +284,10 @@ def backward_chunks(
                 param_grads[i] = g.to(accumulation_dtype(g.dtype), copy=True)
             else:
                 param_grads[i].add_(g)
-    del source
     grad_x = None
     if input_grad:
         assert grad_pad is not None
-        grad_x = _unpad_grad(grad_pad, x, geom).to(x.dtype)
+        grad_x = grad_pad if x_pad is x_leaf else torch.autograd.grad(x_pad, x_leaf, grad_pad)[0]
     by_param = iter(param_grads)
     all_grads = [_cast(next(by_param), p.dtype) if p.requires_grad else None for p in params]
     return grad_x, all_grads
@@ -297,16 +300,3 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
-
-
-def _unpad_grad(grad_pad: Tensor, x: Tensor, geom: ConvGeometry) -> Tensor:
-    """Map the gradient of ``pad_input(x)`` back to ``x``, in ``grad_pad``'s dtype.
-
-    Differentiates the padding of a stand-in for ``x`` in that dtype: a crop
-    for zero padding, a crop plus folded-back borders for the other modes.
-    """
-    if not geom.is_padded:
-        return grad_pad
-    leaf = x.detach().to(grad_pad.dtype).requires_grad_()
-    with torch.enable_grad():
-        return torch.autograd.grad(pad_input(leaf, geom), leaf, grad_pad)[0]
