@@ -2,9 +2,11 @@
 
 ``dynamic_conv1d/2d/3d`` (and ``dynamic_conv``, which takes the number of
 spatial dims from ``kernel_size``) check every argument and the generator
-before any tensor work, ask the planner for a chunking, and run it through the
-autograd Function when a gradient is needed or straight through the executor
-when not (no saved tensors under ``torch.no_grad``/``inference_mode``).
+before any tensor work, choose the path (:func:`~chunkconv.fastpath.choose_path`:
+the fast path for generators ending in ``nn.Linear``, the generic path for the
+rest, or the one ``path=`` forces), ask the planner for a chunking, and run it
+through the path's autograd Function when a gradient is needed or straight
+through its executor when not (no saved tensors under ``torch.no_grad``/``inference_mode``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 from .autograd import DynamicConvFunction, ForwardContext
 from .errors import BatchCoupledGeneratorError
 from .execute import forward_chunks
+from .fast_execute import FastDynamicConvFunction, FastRun, forward_chunks_fast
+from .fastpath import choose_path
 from .geometry import ConvGeometry, ConvSpec, conv_spec
 from .planner import Plan, make_plan
 
@@ -143,14 +147,17 @@ def prepare(
     chunk_size: int | None,
     allow_batch_coupled: bool,
     op: str,
+    path: str = "auto",
 ) -> tuple[Tensor, bool, ConvGeometry, dict[str, Tensor], Plan]:
-    """Every check and the plan, before any tensor work."""
+    """Every check, the path and the plan, before any tensor work."""
     x, unbatched = _batched(input, spec.ndim, op)
     _check_channels(input, unbatched, spec.in_channels)
     geom = spec.geometry(x.shape)
     _check_bias(bias, x, spec.out_channels)
     params = _check_generator(generator, x, allow_batch_coupled)
-    plan = make_plan(geom, dtype=_result_dtype(x), chunk_size=chunk_size)
+    dtype = _result_dtype(x)
+    choice = choose_path(generator, geom, dtype, path, device=x.device)
+    plan = make_plan(geom, dtype=dtype, chunk_size=chunk_size, path=choice)
     return x, unbatched, geom, params, plan
 
 
@@ -163,21 +170,29 @@ def apply_spec(
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
     op: str = "dynamic_conv",
+    path: str = "auto",
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
     x, unbatched, geom, params, plan = prepare(
-        input, generator, spec, bias, chunk_size=chunk_size, allow_batch_coupled=allow_batch_coupled, op=op
+        input, generator, spec, bias, chunk_size=chunk_size, allow_batch_coupled=allow_batch_coupled, op=op, path=path
     )
-    run = ForwardContext(generator, tuple(params), geom, plan.chunk_size, _result_dtype(x))
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, *params.values(), *([bias] if bias is not None else []))
     )
-    if needs_grad:
+    # The one place the path is taken: plan.path says which and why (str(plan) shows it).
+    if plan.path is not None and plan.path.path == "fast":
+        fast = FastRun(generator, tuple(params), plan.path, geom, plan.chunk_size, _result_dtype(x))  # type: ignore[arg-type]
+        if needs_grad:
+            y = FastDynamicConvFunction.apply(x, bias, fast, *params.values())
+        else:
+            y = forward_chunks_fast(x, fast, tuple(params.values()))
+    elif needs_grad:
+        run = ForwardContext(generator, tuple(params), geom, plan.chunk_size, _result_dtype(x))
         y = DynamicConvFunction.apply(x, bias, run, *params.values())
     else:
-        y = forward_chunks(x, generator, geom, plan.chunk_size, run.out_dtype)
-        if bias is not None:
-            y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
+        y = forward_chunks(x, generator, geom, plan.chunk_size, _result_dtype(x))
+    if not needs_grad and bias is not None:
+        y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
     return y.squeeze(0) if unbatched else y
 
 
@@ -196,6 +211,7 @@ def _functional(ndim: int | None, op: str):
         padding_mode: str = "zeros",
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
+        path: str = "auto",
     ) -> Tensor:
         d = ndim
         if d is None:
@@ -217,7 +233,14 @@ def _functional(ndim: int | None, op: str):
             padding_mode=padding_mode,
         )
         return apply_spec(
-            input, generator, spec, bias, chunk_size=chunk_size, allow_batch_coupled=allow_batch_coupled, op=op
+            input,
+            generator,
+            spec,
+            bias,
+            chunk_size=chunk_size,
+            allow_batch_coupled=allow_batch_coupled,
+            op=op,
+            path=path,
         )
 
     conv.__name__ = conv.__qualname__ = op

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .fastpath import PATHS
 from .functional import apply_spec
 from .geometry import conv_spec
 
@@ -35,6 +36,11 @@ class DynamicConv(nn.Module):
         allow_batch_coupled: run generators whose rows interact (BatchNorm in
             training mode, attention) although their results then depend on
             the chunking. Default: ``False``.
+        path: ``"auto"`` runs the fast path (per-patch weights never formed; see
+            ``docs/fast-path.md``) where the generator is an ``nn.Linear`` or an
+            ``nn.Sequential`` ending in one, the generic path otherwise; ``"fast"``
+            insists (``ValueError`` if the generator does not qualify); ``"generic"``
+            always forms the weights. Default: ``"auto"``.
 
     Shape:
         Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
@@ -69,6 +75,7 @@ class DynamicConv(nn.Module):
         *,
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
+        path: str = "auto",
     ) -> None:
         super().__init__()
         if not callable(generator):
@@ -91,6 +98,9 @@ class DynamicConv(nn.Module):
             raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
         self.chunk_size = chunk_size
         self.allow_batch_coupled = allow_batch_coupled
+        if path not in PATHS:
+            raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
+        self.path = path
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
@@ -123,6 +133,7 @@ class DynamicConv(nn.Module):
             chunk_size=self.chunk_size,
             allow_batch_coupled=self.allow_batch_coupled,
             op=type(self).__name__,
+            path=self.path,
         )
 
     def extra_repr(self) -> str:
@@ -145,6 +156,8 @@ class DynamicConv(nn.Module):
             parts.append(f"chunk_size={self.chunk_size}")
         if self.allow_batch_coupled:
             parts.append("allow_batch_coupled=True")
+        if self.path != "auto":
+            parts.append(f"path={self.path!r}")
         return ", ".join(parts)
 
 
