@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .geometry import ConvGeometry
 
@@ -93,7 +92,7 @@ def find_linear_tail(generator: object, geom: ConvGeometry) -> tuple[LinearTail 
 
     Qualifies: an ``nn.Linear``, or an ``nn.Sequential`` whose last module is an ``nn.Linear``
     (exact types: a subclass may change ``forward``), with ``out_features`` equal to one patch's
-    weight size, no forward hooks on either and no parametrization on the Linear, and the
+    weight size, no forward hooks on either (a parametrized Linear is another type), and the
     Linear's parameters not shared with the body.
 
     Returns:
@@ -119,8 +118,6 @@ def find_linear_tail(generator: object, geom: ConvGeometry) -> tuple[LinearTail 
         return None, f"the generator is {type(generator).__name__}, not nn.Linear or an nn.Sequential ending in one"
     if _hooked(linear) or _global_hooks():
         return None, "the last nn.Linear (or every module) has forward hooks"
-    if parametrize.is_parametrized(linear):
-        return None, "the last nn.Linear has a parametrization"
     if linear.out_features != geom.weight_numel:
         return None, (
             f"the last nn.Linear has out_features={linear.out_features}, not one patch's weight size "
