@@ -168,9 +168,7 @@ def _not_linear_terminated(spec):
     }
 
 
-@pytest.mark.parametrize(
-    "name", ["callable", "tanh_last", "subclass", "empty", "hooked", "parametrized", "wrong_size"]
-)
+@pytest.mark.parametrize("name", ["callable", "tanh_last", "subclass", "empty", "hooked", "parametrized", "wrong_size"])
 def test_detection_falls_back_to_generic_with_a_reason(name):
     spec = _spec()
     gen, why = _not_linear_terminated(spec)[name]
