@@ -355,3 +355,32 @@ def test_autocast_matches_the_generic_path():
     (g_fast,) = torch.autograd.grad(y_fast.float().sum(), x)
     (g_gen,) = torch.autograd.grad(y_gen.float().sum(), x)
     torch.testing.assert_close(g_fast, g_gen, rtol=0.05, atol=0.1)
+
+
+# ---------------------------------------------------------------- benchmark scripts (smoke, tiny sizes)
+
+
+def _load_script(name, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_scripts_run_on_tiny_sizes(capsys, monkeypatch):
+    monkeypatch.setenv("CHUNKCONV_TRITON", "1")
+    rows = _load_script("fastpath_gpu", monkeypatch).main(
+        ["--tiny", "--device", "cpu", "--repeats", "1", "--workloads", "AB", "--dtypes", "float32"]
+    )
+    assert [r["method"] for r in rows] == ["einsum", "generic", "fast-torch", "fast"] * 2
+    assert all(r["s"] > 0 and r["peak"] >= 0 and r["chunk"] >= 1 for r in rows)
+    med = _load_script("fastpath_cpu", monkeypatch).main(["--size", "12", "--repeats", "1", "--no-memory"])
+    assert set(med) == {"fast", "generic"}
+    out = capsys.readouterr().out
+    assert "speedup vs einsum" in out and "fast / generic" in out
