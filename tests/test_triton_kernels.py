@@ -182,3 +182,35 @@ def test_cuda_contract_tf32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dynamic_conv_uses_the_kernels(kind, groups, dtype):
     _check_conv("cuda", dtype, kind, groups)
+
+
+_PTRS = {
+    "_fwd_kernel": ("x_ptr", "h_ptr", "w_ptr", "init_ptr", "y_ptr"),
+    "_bwd_h_kernel": ("x_ptr", "gy_ptr", "w_ptr", "gh_ptr"),
+    "_bwd_x_kernel": ("gy_ptr", "h_ptr", "w_ptr", "init_ptr", "gx_ptr"),
+    "_bwd_w_kernel": ("x_ptr", "gy_ptr", "h_ptr", "gw_ptr"),
+}
+
+
+@pytest.mark.slow
+@compiled
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("fp32", "tf32")])
+def test_kernels_compile_for_sm90(dtype, precision):
+    """Lower every kernel to an sm_90 cubin (Triton's bundled ptxas; no GPU needed): catches what the
+    interpreter cannot, such as layout conversions of the reshaped accumulators."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from chunkconv.kernels import contract
+
+    const = dict(HP=32, ACC=tl.float32, PRECISION=precision, BB=64, BP=32, BN=256)
+    for name, ptrs in _PTRS.items():
+        fn = getattr(contract, name)
+        consts = {**const, **({"HAS_INIT": True} if "init_ptr" in ptrs else {})}
+        signature = {a: "constexpr" if a in consts else (f"*{dtype}" if a in ptrs else "i32") for a in fn.arg_names}
+        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled_kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled_kernel.asm["cubin"], name
