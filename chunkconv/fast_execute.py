@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autograd import _broadcast_bias, _ReplayState, _with_parameters
+from .autograd import _broadcast_bias, _ReplayState
 from .errors import GeneratorOutputError
 from .execute import ChunkIndex, _output_rows, chunk_ranges, contract, gather_patches, pad_input, scatter_patch_grads
 from .fastpath import LinearTail, PathChoice
@@ -59,7 +59,14 @@ class FastRun:
         body_params = [by_name[n] for n in names]
         if tail.body is None:
             return (lambda x: x), weight, bias, body_params
-        return _with_parameters(tail.body, names, body_params), weight, bias, body_params
+        return _bind(tail.body, dict(zip(names, body_params))), weight, bias, body_params
+
+
+def _bind(module: nn.Module, tensors: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """Call ``module`` with ``tensors`` in place of its parameters of those names."""
+    if not tensors:
+        return module
+    return lambda x: torch.func.functional_call(module, tensors, (x,))
 
 
 def _hidden(body: Callable[[Tensor], Tensor], patches: Tensor, tail: LinearTail) -> Tensor:
