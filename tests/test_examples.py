@@ -105,5 +105,12 @@ def test_training_budget(capsys):
     results = load_example("training_budget").main(["--quick"])
     assert results["loss_last"] < results["loss_first"]
     assert results["chunking_difference"] < 1e-5
+    # The tight budget forces several chunks and is honoured as measured, forward and backward.
+    assert results["tight_chunks"] > results["chunks"] >= 1, results
+    assert results["tight_peak"] <= results["tight_budget"], results
+    # "1kB" is refused with the smallest budget that fits: the one the plan printed.
+    assert results["minimum_budget"] == results["planned_minimum_budget"] > 1000, results
     out = capsys.readouterr().out
-    assert out.count("Plan") == 2 and "7 chunks" in out, out
+    assert out.count("chunkconv plan: training") == 2, out
+    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked (all 1,152 patches at once)" in out, out
+    assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out
