@@ -16,10 +16,10 @@ SPEC = conv_spec(2, in_channels=3, out_channels=4, kernel_size=3, padding=1)
 class Net(nn.Module):
     """Static layers around a DynamicConv, as in a real model; ``reference=True`` uses the oracle."""
 
-    def __init__(self, generator: nn.Module, reference: bool = False):
+    def __init__(self, generator: nn.Module, reference: bool = False, path: str = "auto"):
         super().__init__()
         self.pre = nn.Conv2d(3, 3, 1)
-        self.dyn = chunkconv.DynamicConv(generator, 3, 4, 3, padding=1, chunk_size=7)
+        self.dyn = chunkconv.DynamicConv(generator, 3, 4, 3, padding=1, chunk_size=7, path=path)
         self.post = nn.Conv2d(4, 2, 1)
         self.reference = reference
 
@@ -59,9 +59,10 @@ def _called(gm):
     return [str(getattr(n.target, "__name__", n.target)) for n in calls]
 
 
-def test_compiled_model_is_one_graph_break_and_matches_eager_and_reference():
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_compiled_model_is_one_graph_break_and_matches_eager_and_reference(path):
     torch._dynamo.reset()
-    eager = Net(mlp_generator(SPEC, hidden=8)).double()
+    eager = Net(mlp_generator(SPEC, hidden=8), path=path).double()
     reference = copy.deepcopy(eager)
     reference.reference = True
     backend = CountingBackend()

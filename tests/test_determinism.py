@@ -31,13 +31,15 @@ class Elementwise(nn.Module):
         return torch.tanh(patches.repeat(1, self.out_channels) * self.scale + self.shift)
 
 
-def _run(gen, dtype=torch.float64, chunk_size=37, padding_mode="zeros", size=12, seed=0, device="cpu"):
+def _run(gen, dtype=torch.float64, chunk_size=37, padding_mode="zeros", size=12, seed=0, device="cpu", path="auto"):
     """Output and every gradient of one seeded call, as a list of tensors."""
     torch.manual_seed(seed)
     gen = gen.to(device, dtype)
     x = torch.randn(2, 4, size, size, dtype=dtype, device=device, requires_grad=True)
     bias = torch.randn(8, dtype=dtype, device=device, requires_grad=True)
-    y = chunkconv.dynamic_conv2d(x, gen, 8, 3, bias, padding=1, padding_mode=padding_mode, chunk_size=chunk_size)
+    y = chunkconv.dynamic_conv2d(
+        x, gen, 8, 3, bias, padding=1, padding_mode=padding_mode, chunk_size=chunk_size, path=path
+    )
     grads = torch.autograd.grad(y, [x, bias, *gen.parameters()], torch.randn_like(y))
     return [y, *grads]
 
@@ -57,6 +59,7 @@ def restore_threads():
 
 @pytest.mark.parametrize("chunk_size", [7, None])
 def test_repeated_runs_are_bit_identical(chunk_size):
+    # dropout before the last Linear: the fast path (the default here) runs it in the generator's body
     gen = nn.Sequential(nn.Linear(36, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 8 * 36))
     first = _run(gen, chunk_size=chunk_size, seed=3, size=8)
     second = _run(gen, chunk_size=chunk_size, seed=3, size=8)
@@ -77,13 +80,14 @@ def test_thread_count_does_not_change_chunkconvs_arithmetic(restore_threads, dty
     _assert_identical(one, two)
 
 
+@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
-def test_deterministic_algorithms_mode_runs_and_changes_nothing(padding_mode):
+def test_deterministic_algorithms_mode_runs_and_changes_nothing(padding_mode, path):
     gen = mlp_generator(SPEC, hidden=8)
-    free = _run(gen, padding_mode=padding_mode, size=6)
+    free = _run(gen, padding_mode=padding_mode, size=6, path=path)
     torch.use_deterministic_algorithms(True)
     try:
-        strict = _run(gen, padding_mode=padding_mode, size=6)
+        strict = _run(gen, padding_mode=padding_mode, size=6, path=path)
     finally:
         torch.use_deterministic_algorithms(False)
     _assert_identical(free, strict)

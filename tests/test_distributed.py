@@ -32,10 +32,11 @@ KW = dict(out_channels=4, kernel_size=3, padding=1)
 
 
 class Net(nn.Module):
-    def __init__(self, chunk_size):
+    def __init__(self, chunk_size, path):
         super().__init__()
         self.pre = nn.Conv2d(3, 3, 1)
-        self.dyn = chunkconv.DynamicConv(mlp_generator(SPEC, hidden=8), 3, 4, 3, padding=1, chunk_size=chunk_size)
+        gen = mlp_generator(SPEC, hidden=8)
+        self.dyn = chunkconv.DynamicConv(gen, 3, 4, 3, padding=1, chunk_size=chunk_size, path=path)
         self.head = nn.Conv2d(4, 2, 1)
         self.reference = False
 
@@ -48,9 +49,9 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def _make(chunk_size):
+def _make(chunk_size, path="auto"):
     torch.manual_seed(0)
-    return Net(chunk_size).double()
+    return Net(chunk_size, path).double()
 
 
 def _reference_grads(model, x):
@@ -67,10 +68,10 @@ def _max_error(got, want):
     return max((got[n] - want[n]).abs().max().item() for n in want)
 
 
-def _ddp(x, shard, chunk_size):
+def _ddp(x, shard, chunk_size, path="auto"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = _make(chunk_size)
+    model = _make(chunk_size, path)
     want = _reference_grads(model, x)
     ddp = DDP(model)  # find_unused_parameters left at its default (False)
     errors = []
@@ -81,10 +82,10 @@ def _ddp(x, shard, chunk_size):
     return max(errors)
 
 
-def _fsdp(x, shard, chunk_size, shard_layer):
+def _fsdp(x, shard, chunk_size, shard_layer, path="auto"):
     from torch.distributed.fsdp import fully_shard
 
-    model = _make(chunk_size)
+    model = _make(chunk_size, path)
     want = _reference_grads(model, x)
     if shard_layer:
         fully_shard(model.dyn)  # the DynamicConv as its own unit: gathered, freed after forward, re-gathered
@@ -112,8 +113,10 @@ def _fsdp_generator_refused(x, shard):
 SCENARIOS = {
     "ddp_default_chunking": lambda x, s: _ddp(x, s, None),
     "ddp_many_chunks": lambda x, s: _ddp(x, s, 3),  # 50 patches per rank -> 17 chunks
+    "ddp_many_chunks_generic": lambda x, s: _ddp(x, s, 3, "generic"),
     "fsdp_root": lambda x, s: _fsdp(x, s, 3, shard_layer=False),
     "fsdp_layer": lambda x, s: _fsdp(x, s, 3, shard_layer=True),
+    "fsdp_layer_generic": lambda x, s: _fsdp(x, s, 3, shard_layer=True, path="generic"),
     "fsdp_generator_refused": _fsdp_generator_refused,
 }
 
@@ -167,12 +170,12 @@ def _error(results, name):
     return value
 
 
-@pytest.mark.parametrize("name", ["ddp_default_chunking", "ddp_many_chunks"])
+@pytest.mark.parametrize("name", ["ddp_default_chunking", "ddp_many_chunks", "ddp_many_chunks_generic"])
 def test_ddp_gradients_equal_one_process_on_the_whole_batch(results, name):
     assert _error(results, name) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["fsdp_root", "fsdp_layer"])
+@pytest.mark.parametrize("name", ["fsdp_root", "fsdp_layer", "fsdp_layer_generic"])
 def test_fully_shard_gradients_equal_one_process_on_the_whole_batch(results, name):
     assert _error(results, name) < 1e-12
 

@@ -12,15 +12,16 @@ KW = dict(out_channels=4, kernel_size=3, padding=1)
 MESSAGE = r"chunkconv does not support double backward .* use chunkconv\.dynamic_conv_reference"
 
 
-def _setup():
+def _setup(path="auto"):
     gen = mlp_generator(SPEC, hidden=4)
-    conv = chunkconv.DynamicConv(gen, 3, 4, 3, padding=1, chunk_size=5, dtype=torch.float64)
+    conv = chunkconv.DynamicConv(gen, 3, 4, 3, padding=1, chunk_size=5, dtype=torch.float64, path=path)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     return conv, x
 
 
-def test_second_backward_raises_a_clear_error():
-    conv, x = _setup()
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_second_backward_raises_a_clear_error(path):
+    conv, x = _setup(path)
     (gx,) = torch.autograd.grad(conv(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=MESSAGE):
         gx.square().sum().backward()

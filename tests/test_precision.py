@@ -55,10 +55,11 @@ def test_autocast_output_dtype_is_that_of_torch_conv(input_dtype):
         assert conv(x).dtype == want.dtype
 
 
+@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("chunk_size", [1, 37, None])
-def test_autocast_bf16_matches_float64_within_bf16_tolerance(chunk_size):
+def test_autocast_bf16_matches_float64_within_bf16_tolerance(chunk_size, path):
     gen, x, bias, upstream = _case()
-    conv = chunkconv.DynamicConv(copy.deepcopy(gen), 3, 4, 3, padding=1, chunk_size=chunk_size)
+    conv = chunkconv.DynamicConv(copy.deepcopy(gen), 3, 4, 3, padding=1, chunk_size=chunk_size, path=path)
     conv.bias.data.copy_(bias)
     x = x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -104,11 +105,14 @@ def test_backward_replays_forward_autocast_state():
     assert seen == [(False, torch.bfloat16, torch.float32)] * 6
 
 
+@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
-def test_half_module_and_input(dtype, padding_mode):
+def test_half_module_and_input(dtype, padding_mode, path):
     gen, x, bias, upstream = _case()
-    conv = chunkconv.DynamicConv(copy.deepcopy(gen), 3, 4, 3, padding=1, padding_mode=padding_mode, chunk_size=1)
+    conv = chunkconv.DynamicConv(
+        copy.deepcopy(gen), 3, 4, 3, padding=1, padding_mode=padding_mode, chunk_size=1, path=path
+    )
     conv.bias.data.copy_(bias)
     conv = conv.to(dtype)
     xh = x.to(dtype).requires_grad_()
