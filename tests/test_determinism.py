@@ -7,6 +7,8 @@ chunkconv itself computes: the gather, the contraction, the scatter, the
 padding's backward and the sums over chunks.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -31,14 +33,24 @@ class Elementwise(nn.Module):
         return torch.tanh(patches.repeat(1, self.out_channels) * self.scale + self.shift)
 
 
-def _run(gen, dtype=torch.float64, chunk_size=37, padding_mode="zeros", size=12, seed=0, device="cpu", path="auto"):
+def _run(
+    gen,
+    dtype=torch.float64,
+    chunk_size=37,
+    padding_mode="zeros",
+    size=12,
+    seed=0,
+    device="cpu",
+    path="auto",
+    budget="auto",
+):
     """Output and every gradient of one seeded call, as a list of tensors."""
     torch.manual_seed(seed)
     gen = gen.to(device, dtype)
     x = torch.randn(2, 4, size, size, dtype=dtype, device=device, requires_grad=True)
     bias = torch.randn(8, dtype=dtype, device=device, requires_grad=True)
     y = chunkconv.dynamic_conv2d(
-        x, gen, 8, 3, bias, padding=1, padding_mode=padding_mode, chunk_size=chunk_size, path=path
+        x, gen, 8, 3, bias, padding=1, padding_mode=padding_mode, chunk_size=chunk_size, path=path, budget=budget
     )
     grads = torch.autograd.grad(y, [x, bias, *gen.parameters()], torch.randn_like(y))
     return [y, *grads]
@@ -66,6 +78,24 @@ def test_repeated_runs_are_bit_identical(chunk_size):
     _assert_identical(first, second)
     other_seed = _run(gen, chunk_size=chunk_size, seed=4, size=8)  # the seed does matter (dropout)
     assert not torch.equal(first[0], other_seed[0])
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_same_budget_gives_the_same_plan_and_bit_identical_results(path):
+    # each run measures a fresh copy of the generator, so the plan is made anew from the budget
+    gen = nn.Sequential(nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, 8 * 36))
+    probe = chunkconv.DynamicConv(copy.deepcopy(gen), 4, 8, 3, padding=1, budget=2**40, path=path, dtype=torch.float64)
+    budget = int(1.5 * probe.plan((2, 4, 8, 8)).minimum_budget)
+    plans = [
+        chunkconv.DynamicConv(copy.deepcopy(gen), 4, 8, 3, padding=1, budget=budget, path=path, dtype=torch.float64)
+        .plan((2, 4, 8, 8))
+        .chunk_size
+        for _ in range(2)
+    ]
+    assert plans[0] == plans[1] and plans[0] < 128  # many chunks of the 128 patches
+    first = _run(copy.deepcopy(gen), chunk_size=None, size=8, path=path, budget=budget)
+    second = _run(copy.deepcopy(gen), chunk_size=None, size=8, path=path, budget=budget)
+    _assert_identical(first, second)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

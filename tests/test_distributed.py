@@ -82,6 +82,27 @@ def _ddp(x, shard, chunk_size, path="auto"):
     return max(errors)
 
 
+def _ddp_budget(x, shard):
+    """DDP with a budget so small that the plan splits each rank's 50 patches into many chunks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _make(None)
+    want = _reference_grads(model, x)
+    plan = model.dyn.plan(shard.shape)
+    per_patch = max(plan.cost.forward.per_patch, plan.cost.backward.per_patch)
+    model.dyn.budget = int(plan.minimum_budget + 1.1 * 8 * per_patch)  # about 8 patches per chunk
+    chunks = model.dyn.plan(shard.shape).num_chunks
+    if chunks < 5:
+        return f"the budget gave only {chunks} chunks"
+    ddp = DDP(model)
+    errors = []
+    for _ in range(2):
+        ddp.zero_grad()
+        ddp(shard).square().mean().backward()
+        errors.append(_max_error({n.removeprefix("module."): p.grad for n, p in ddp.named_parameters()}, want))
+    return max(errors)
+
+
 def _fsdp(x, shard, chunk_size, shard_layer, path="auto"):
     from torch.distributed.fsdp import fully_shard
 
@@ -114,6 +135,7 @@ SCENARIOS = {
     "ddp_default_chunking": lambda x, s: _ddp(x, s, None),
     "ddp_many_chunks": lambda x, s: _ddp(x, s, 3),  # 50 patches per rank -> 17 chunks
     "ddp_many_chunks_generic": lambda x, s: _ddp(x, s, 3, "generic"),
+    "ddp_small_budget": _ddp_budget,
     "fsdp_root": lambda x, s: _fsdp(x, s, 3, shard_layer=False),
     "fsdp_layer": lambda x, s: _fsdp(x, s, 3, shard_layer=True),
     "fsdp_layer_generic": lambda x, s: _fsdp(x, s, 3, shard_layer=True, path="generic"),
@@ -170,7 +192,9 @@ def _error(results, name):
     return value
 
 
-@pytest.mark.parametrize("name", ["ddp_default_chunking", "ddp_many_chunks", "ddp_many_chunks_generic"])
+@pytest.mark.parametrize(
+    "name", ["ddp_default_chunking", "ddp_many_chunks", "ddp_many_chunks_generic", "ddp_small_budget"]
+)
 def test_ddp_gradients_equal_one_process_on_the_whole_batch(results, name):
     assert _error(results, name) < 1e-12
 

@@ -204,3 +204,35 @@ def test_cuda_half_module_matches_float64(dtype):
     assert y.dtype == dtype and _relative_error(y.cpu(), want_y) < 3 * EPS[dtype]
     for g, w in zip(grads, want_grads):
         assert g.dtype == dtype and _relative_error(g.cpu(), w) < 3 * EPS[dtype]
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("mode", ["bfloat16 module", "autocast"])
+def test_budget_holds_in_half_precision(mode, path):
+    # the planner measures the generator in the dtype it will run in; the float32 parameter-gradient
+    # sums and the half-precision input-gradient buffer stay within what the plan counts
+    gen, x, bias, upstream = _case(size=16)
+    dtype = torch.bfloat16 if mode == "bfloat16 module" else torch.float32
+    gen, x = gen.to(dtype), x.to(dtype).requires_grad_()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+
+    def conv(budget):
+        return chunkconv.DynamicConv(gen, 3, 4, 3, padding=1, budget=budget, path=path, dtype=dtype)
+
+    with autocast:
+        minimum = conv(2**40).plan(x).minimum_budget
+        budget = int(1.3 * minimum)
+        layer = conv(budget)
+        plan = layer.plan(x)
+        with chunkconv.MemoryTracker() as fwd:
+            y = layer(x)
+    assert y.dtype == torch.bfloat16 and plan.num_chunks > 1
+    with chunkconv.MemoryTracker() as bwd:
+        y.backward(upstream.to(y.dtype))
+    assert fwd.peak <= budget, (plan, fwd)
+    assert bwd.peak <= budget, (plan, bwd)
+    want_y, want_grads = _float64_reference(x, gen, upstream, layer.bias)
+    assert _relative_error(y, want_y) < 3 * EPS[torch.bfloat16]
+    got = [x.grad, layer.bias.grad, *(p.grad for p in gen.parameters())]
+    for g, w in zip(got, want_grads):
+        assert _relative_error(g, w) < 3 * EPS[torch.bfloat16]
