@@ -11,6 +11,7 @@ a fresh one for the next case. The parent never allocates any of it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import resource
@@ -49,6 +50,7 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
     if threads is not None:
         torch.set_num_threads(threads)
     _warm_up()
+    gc.freeze()  # torch's import-time objects: later collections need not scan them
     cap = None
     if limit_bytes is not None:
         cap = address_space_bytes() + limit_bytes
@@ -99,10 +101,17 @@ class IsolatedWorker:
         self._process.start()
         child.close()
         self._conn = parent
-        if not parent.poll(120):
+        try:
+            if not parent.poll(120):
+                raise TimeoutError("no answer within 120 s")
+            parent.recv()
+        except (EOFError, OSError) as error:
+            process = self._process
             self.close()
-            raise RuntimeError("The measuring child process did not start within 120 s.")
-        parent.recv()
+            raise RuntimeError(
+                f"The measuring child process did not start ({type(error).__name__}, exit code "
+                f"{process.exitcode}); its stderr says why."
+            ) from None
 
     def run(self, case: Case) -> dict:
         """Measure ``case`` in the child; a dead or hung child becomes a result, not an exception."""

@@ -119,7 +119,8 @@ def run_case(case: Case) -> dict:
         result["status"] = "oom" if is_out_of_memory(error) else "error"
         result["message"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
     finally:
-        gc.collect()
+        if result["status"] != "ok":  # the failed call's tensors may sit in reference cycles via its traceback
+            gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
@@ -173,7 +174,6 @@ def _measure(case: Case, device: torch.device, dtype: torch.dtype, result: dict)
     result["times_s"] = times or [first]
     result["median_s"] = statistics.median(result["times_s"])
 
-    gc.collect()
     rss_start = _reset_hwm() if device.type == "cpu" else None
     with MemoryTracker(device) as tracker:
         step()

@@ -137,7 +137,7 @@ class Method:
             return m * (2 * pp + o + (c if train else 0)) * itemsize
         unchunked = Method("einsum").estimate(wl, mode, itemsize)
         fixed = m * (o + (2 * c if train else 0)) * itemsize
-        rows = self.chunk_size or max(1, 32 * 2**20 // (w * itemsize))  # the planner's default chunk
+        rows = min(m, self.chunk_size or max(1, 32 * 2**20 // (w * itemsize)))  # the planner's default chunk
         working = 2 * rows * (pp + 2 * h + 3 * w) * itemsize
         if self.budget not in (None, "auto"):
             working = min(working, parse_budget(self.budget))

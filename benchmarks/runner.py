@@ -62,7 +62,7 @@ def _sections(settings: Settings) -> list[tuple[str, list[Workload], list[Method
     dev, chosen = settings.device, settings.methods
     out = []
     if settings.suite == "smoke":
-        out.append(("smoke", smoke(), list(chosen or default_methods(dev))))
+        out.append(("smoke", smoke(settings.sizes), list(chosen or default_methods(dev))))
     if settings.suite in ("anchors", "all"):
         out.append(("anchors", anchors(dev), list(chosen or default_methods(dev))))
     if settings.suite in ("sweep", "all"):

@@ -103,8 +103,9 @@ def sweep(device: str, sizes: tuple[int, ...] | None = None) -> list[Workload]:
     ]
 
 
-def smoke() -> list[Workload]:
-    """Two tiny shapes that run in milliseconds: the CI configuration."""
+def smoke(sizes: tuple[int, ...] | None = None) -> list[Workload]:
+    """Tiny shapes (8 and 16 px unless ``sizes`` is given) that run in milliseconds: the CI configuration."""
     return [
-        Workload(f"smoke-{s}", batch=1, channels=2, size=s, out_channels=2, hidden=4, family="smoke") for s in (8, 16)
+        Workload(f"smoke-{s}", batch=1, channels=2, size=s, out_channels=2, hidden=4, family="smoke")
+        for s in sizes or (8, 16)
     ]
