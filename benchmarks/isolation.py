@@ -1,12 +1,12 @@
 """Run CPU measurements in a child process whose address space is capped, so none can exhaust the machine.
 
 :class:`IsolatedWorker` starts one ``spawn``-ed child, warms torch up there (thread pools, lazy
-initialisation), then caps the child's address space (``resource.RLIMIT_AS``) at its current size
-plus ``limit_bytes``. Cases are sent to it one at a time. An allocation beyond the cap fails inside
-the child with torch's "not enough memory" error, which :func:`~benchmarks.measure.run_case`
-reports as ``status="oom"``; the child lives on. A child that dies (a signal, the kernel's OOM
-killer) or exceeds the per-case timeout is reported as ``"crashed"``/``"timeout"`` and replaced by
-a fresh one for the next case. The parent never allocates any of it.
+initialisation). Cases are sent to it one at a time; before each, the child caps its own
+address space (the soft ``resource.RLIMIT_AS``) at its current size plus ``limit_bytes``. An
+allocation beyond the cap fails inside the child with torch's "not enough memory" error, which
+:func:`~benchmarks.measure.run_case` reports as ``status="oom"``; the child lives on. A child
+that dies (a signal, the kernel's OOM killer) or exceeds the per-case timeout is reported as
+``"crashed"``/``"timeout"`` and replaced by a fresh one for the next case. The parent never allocates any of it.
 """
 
 from __future__ import annotations
@@ -51,11 +51,7 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
         torch.set_num_threads(threads)
     _warm_up()
     gc.freeze()  # torch's import-time objects: later collections need not scan them
-    cap = None
-    if limit_bytes is not None:
-        cap = address_space_bytes() + limit_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    conn.send(("ready", cap))
+    conn.send("ready")
     while True:
         try:
             case = conn.recv()
@@ -63,7 +59,14 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
             return
         if case is None:
             return
-        conn.send(run_case(case))
+        start = address_space_bytes()
+        if limit_bytes is not None:  # the soft limit, renewed per case: every case gets the same headroom
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            cap = start + limit_bytes if hard == resource.RLIM_INFINITY else min(start + limit_bytes, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        result = run_case(case)
+        result["address_space_start_bytes"] = start
+        conn.send(result)
 
 
 class IsolatedWorker:

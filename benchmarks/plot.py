@@ -1,10 +1,10 @@
 """PNG of time and peak memory against image size, one line per method, failed points marked.
 
 Needs matplotlib (the ``plot`` extra); :func:`have_matplotlib` says whether it is there. One row of
-panels per dtype and metric, one column per mode; sizes on a log-2 axis. A method that did not run
-(out of memory, skipped by its estimate, timed out) is marked with an ``x``: on the memory panel
-at its shape-based estimate of what it would need, on the time panel along the top edge.
-The dashed line on memory panels is the run's memory limit.
+panels per dtype and metric, one column per mode; sizes on a log-2 axis. A method that did not
+run (out of memory, skipped by its estimate, timed out; not cases the run's time limit left out)
+is marked with an ``x``: on the memory panel at its shape-based estimate of what it would need,
+on the time panel along the top edge. The dashed line on memory panels is the run's memory limit.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def save_plot(doc: dict, path: Path, family: str | None = None) -> bool:
                     key=lambda r: r["workload"]["size"],
                 )
                 ok = [r for r in pts if r["status"] == "ok"]
-                bad = [r for r in pts if r["status"] != "ok"]
+                bad = [r for r in pts if r["status"] not in ("ok", "not run")]
                 if metric == "time":
                     xs, ys = [r["workload"]["size"] for r in ok], [r["median_s"] for r in ok]
                 else:

@@ -173,22 +173,20 @@ def _summary_table(doc: dict) -> list[str]:
 def _detail_table(records: list[dict]) -> list[str]:
     best = best_unchunked(records)
     lines = [
-        "| method | time (median) | x best unchunked | peak above start | x best unchunked | peak RSS above start "
-        "| runs | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | time (median) | x best unchunked | peak above start | x best unchunked | runs | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
         t, m = _ratios(r, best)
         if r["status"] == "ok":
-            rss = _fmt_bytes(r["rss_peak_bytes"]) if r.get("rss_peak_bytes") is not None else "-"
             runs = f"{len(r['times_s'])}" + ("" if r.get("warm") else " (cold)")
             note = r.get("info", {}).get("plan", "") or ""
             lines.append(
                 f"| {r['method']['label']} | {fmt_time(r['median_s'])} | {t} | {_fmt_bytes(r['peak_bytes'])} | {m} "
-                f"| {rss} | {runs} | {note} |"
+                f"| {runs} | {note} |"
             )
         else:
-            lines.append(f"| {r['method']['label']} | {_outcome(r)} | | | | | | {r.get('message') or ''} |")
+            lines.append(f"| {r['method']['label']} | {_outcome(r)} | | | | | {r.get('message') or ''} |")
     return lines
 
 
@@ -300,12 +298,13 @@ How it is measured (`python -m benchmarks`, code in `benchmarks/`):
   above the allocation at its start (on CUDA the caching allocator's statistics; on the CPU every
   allocation and free of torch's allocator, recorded by the profiler). The input, the layer's
   parameters and the output gradient exist before the call and are not counted; the output and
-  all gradients are. On the CPU the process's peak resident set above its start (`VmHWM`) is
-  shown as well: it also sees memory outside torch's allocator, but not memory freed back to
-  the OS and re-used, so it can read lower than the tracker.
-- **Isolation**: on the CPU every case runs in a child process whose address space is capped
-  (`RLIMIT_AS`); a case whose shape-based estimate exceeds the cap is not run and reads
-  "would need ~X"; an allocation failure reads "out of memory". On CUDA an out-of-memory error
+  all gradients are. On the CPU the JSON also records the measuring process's peak resident set
+  above its start (`VmHWM`, reset per call); it sees memory outside torch's allocator but is
+  distorted by memory the C allocator keeps from earlier cases, so the tables show the tracker.
+- **Isolation**: on the CPU every case runs in a child process whose address space may grow by
+  at most the run's memory limit during the case (`RLIMIT_AS`); a case whose shape-based
+  estimate exceeds the limit is not run and reads "would need ~X"; an allocation failure reads
+  "out of memory". On CUDA an out-of-memory error
   is caught and reported. No case can take the machine down.
 - **Ratios**: "x best unchunked" divides by the best of forum, einsum and einsum+checkpoint for
   that workload, mode and dtype, separately for time and memory.
@@ -315,9 +314,22 @@ Regenerate this page from stored runs with
 """
 
 
+_NO_GPU = """\
+## CUDA GPU: not run yet
+
+No CUDA device was available for these runs. On a machine with one, `bash benchmarks/gpu.sh`
+measures workloads A, B and C of `../shared/ANCHORS.md` and the 256..4096 px sweep in float32
+(TF32 off) and bfloat16 (about 5-8 minutes on an H100) and writes `cuda-all.json/.md/.png` into
+`$OUT` or `results/`; then regenerate this page with both runs:
+`python -m benchmarks report results/cpu-all.json results/cuda-all.json --markdown docs/benchmarks.md`.
+"""
+
+
 def render_page(runs: list[tuple[dict, str | None]], command: str) -> str:
     """The docs page: how it is measured, then each run (``(doc, image path or None)``)."""
     parts = [_PREAMBLE.format(command=command)]
     for doc, image in runs:
         parts.append(render_run(doc, image))
+    if not any(doc["device"].startswith("cuda") for doc, _ in runs):
+        parts.append(_NO_GPU)
     return "\n".join(parts)

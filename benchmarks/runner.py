@@ -221,17 +221,17 @@ def _measure_one(
         "estimate_bytes": estimate,
     }
     line = (wl.family, case.method.label, case.mode, case.dtype)
-    if settings.time_limit is not None and time.perf_counter() - started > settings.time_limit:
-        return {
-            **record,
-            "status": "not run",
-            "message": f"the run's time limit ({settings.time_limit:g} s) was reached",
-        }
     if settings.skip_by_estimate and estimate > limit:
         return {
             **record,
             "status": "skipped",
             "message": f"would need ~{format_bytes(estimate)}, over the {format_bytes(limit)} limit",
+        }
+    if settings.time_limit is not None and time.perf_counter() - started > settings.time_limit:
+        return {
+            **record,
+            "status": "not run",
+            "message": f"the run's time limit ({settings.time_limit:g} s) was reached",
         }
     if wl.family is not None and line in failed:
         return {**record, "status": "skipped", "message": f"not run: {failed[line]}"}
