@@ -112,3 +112,19 @@ def test_a_case_over_the_limit_is_skipped_with_its_estimate(tmp_path):
     from benchmarks.report import render_run
 
     assert "would need ~" in render_run(doc)
+
+
+def test_cuda_without_a_device_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match=r"--device cuda was asked for"):
+        run(Settings(device="cuda"), tmp_path / "run.json", log=lambda _: None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda(tmp_path):
+    settings = Settings(device="cuda", suite="smoke", sizes=(8,), repeats=1, dtypes=("float32", "bfloat16"))
+    doc = run(settings, tmp_path / "run.json", log=lambda _: None)
+    assert doc["machine"]["gpu"] and not doc["isolated"]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in doc["measurements"]), doc["measurements"]
