@@ -1,7 +1,9 @@
 """chunkconv: convolutions whose kernel is a function of the input, chunked to fit a memory budget."""
 
+from .budget import format_bytes, parse_budget
 from .errors import BatchCoupledGeneratorError, BudgetTooSmallError, ChunkConvError, GeneratorOutputError
-from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
+from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d, plan
+from .memory import MemoryTracker
 from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .planner import Plan
 from .reference import dynamic_conv_reference
@@ -15,12 +17,16 @@ __all__ = [
     "DynamicConv2d",
     "DynamicConv3d",
     "GeneratorOutputError",
+    "MemoryTracker",
     "Plan",
     "dynamic_conv",
     "dynamic_conv1d",
     "dynamic_conv2d",
     "dynamic_conv3d",
     "dynamic_conv_reference",
+    "format_bytes",
+    "parse_budget",
+    "plan",
 ]
 
 __version__ = "0.1.0"

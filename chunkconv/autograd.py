@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .execute import Generator, backward_chunks, forward_chunks
+from .execute import Generator, backward_chunks, bind_parameters, forward_chunks
 from .geometry import ConvGeometry
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
@@ -44,6 +44,12 @@ class _ReplayState:
             for kind in {device.type, "cpu"}
         }
         self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    def rng_advanced(self) -> bool:
+        """Whether random numbers were drawn since capture (then chunks must not be re-split)."""
+        if self.cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda_rng):
+            return True
+        return not torch.equal(torch.get_rng_state(), self.cpu_rng)
 
     def replay(self, fn):
         devices = [self.device] if self.cuda_rng is not None else []
@@ -80,7 +86,8 @@ class DynamicConvFunction(torch.autograd.Function):
         ctx.replay = _ReplayState(input.device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(input, *params)
-        y = forward_chunks(input, run.generator, run.geom, run.chunk_size, run.out_dtype)
+        y, ctx.ranges = forward_chunks(input, run.generator, run.geom, run.chunk_size, run.out_dtype)
+        ctx.uses_rng = ctx.replay.rng_advanced()
         if bias is not None:
             y += _broadcast_bias(bias, run.geom).to(y.dtype)
         return y
@@ -95,31 +102,29 @@ class DynamicConvFunction(torch.autograd.Function):
         # per-chunk autograd.grad calls must not fire the user's (or DDP's) hooks on the
         # real parameters with partial gradients; autograd delivers the sum once.
         stand_ins = [p.detach().requires_grad_(need) for p, need in zip(params, param_needs)]
-        generator = _with_parameters(run.generator, run.param_names, stand_ins)
+        generator = bind_parameters(run.generator, dict(zip(run.param_names, stand_ins)))
         grad_bias = None
         if bias_grad:
             spatial = tuple(range(2, grad_y.dim()))
             grad_bias = grad_y.sum(dim=(0, *spatial), dtype=torch.promote_types(grad_y.dtype, torch.float32))
-        grad_y = grad_y.contiguous()
 
         def recompute():
             with torch.enable_grad():
                 return backward_chunks(
-                    input, generator, stand_ins, run.geom, run.chunk_size, grad_y, input_grad=input_grad
+                    input,
+                    generator,
+                    stand_ins,
+                    run.geom,
+                    ctx.ranges,
+                    grad_y,
+                    input_grad=input_grad,
+                    splittable=not ctx.uses_rng,
                 )
 
         grad_x, param_grads = ctx.replay.replay(recompute)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return (grad_x, grad_bias, None, *param_grads)
-
-
-def _with_parameters(generator: Generator, names: tuple[str, ...], tensors: list[Tensor]) -> Generator:
-    """``generator`` called with ``tensors`` in place of its parameters ``names``."""
-    if not names:
-        return generator
-    mapping = dict(zip(names, tensors))
-    return lambda patches: torch.func.functional_call(generator, mapping, (patches,))  # type: ignore[arg-type]
 
 
 def _broadcast_bias(bias: Tensor, geom: ConvGeometry) -> Tensor:

@@ -11,6 +11,7 @@ so a chunk may span several images and no size has to divide another.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .geometry import ConvGeometry
 __all__ = [
     "ChunkIndex",
     "backward_chunks",
+    "bind_parameters",
     "chunk_ranges",
     "contract",
     "forward_chunks",
@@ -115,11 +117,24 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
         view.index_put_(chunk.index, per_tap[:, :, t], accumulate=True)
 
 
+def bind_parameters(generator: Generator, tensors: dict[str, Tensor]) -> Generator:
+    """``generator`` called with ``tensors`` (by name) in place of its parameters and buffers.
+
+    Backward and the planner's probe differentiate through detached stand-ins rather than the
+    real parameters, so the user's hooks (and DDP's) never see partial, per-chunk gradients,
+    and in-place buffer updates during a probe land on copies.
+    """
+    if not tensors:
+        return generator
+    return lambda patches: torch.func.functional_call(generator, tensors, (patches,))  # type: ignore[arg-type]
+
+
 def run_generator(generator: Generator, patches: Tensor, geom: ConvGeometry) -> Tensor:
     """Call the generator and return its weights as ``(B, out_channels, (C // groups) * K)``.
 
     Raises:
         GeneratorOutputError: the output is not one weight per patch.
+
     """
     weights = generator(patches)
     rows = patches.shape[0]
@@ -146,8 +161,28 @@ def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
 
 
 def _output_rows(y: Tensor, geom: ConvGeometry) -> Tensor:
-    """``y`` viewed as ``(N, L, O)`` so that a chunk's ``(B, O)`` rows index into it."""
-    return y.view(geom.batch, geom.out_channels, geom.locations_per_image).transpose(1, 2)
+    """``y`` as ``(N, L, O)`` so that a chunk's ``(B, O)`` rows index into it.
+
+    A view for contiguous, channels-last and expanded tensors (the output, and the usual
+    upstream gradients); any other layout is copied once (``reshape``).
+    """
+    return y.reshape(geom.batch, geom.out_channels, geom.locations_per_image).transpose(1, 2)
+
+
+def _warn_oom_once(start: int, end: int, size: int) -> None:
+    global _oom_warned
+    if not _oom_warned:
+        _oom_warned = True
+        warnings.warn(
+            f"chunkconv: out of memory in the chunk of patches [{start}, {end}) although the plan fitted "
+            f"the budget (another process or tensor took memory?); retrying it in chunks of {size}. "
+            "Results are unchanged. Lower the budget to avoid the retries. (Warned once per process.)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+_oom_warned = False
 
 
 def forward_chunks(
@@ -156,17 +191,34 @@ def forward_chunks(
     geom: ConvGeometry,
     chunk_size: int,
     out_dtype: torch.dtype,
-) -> Tensor:
-    """The convolution's output ``(N, O, *out_spatial)``, without bias, one chunk at a time."""
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """The output ``(N, O, *out_spatial)`` without bias, and the chunk ranges actually used.
+
+    If a chunk runs out of device memory (``torch.OutOfMemoryError``), the chunk size is halved
+    and the failed chunk retried; nothing computed before is lost. Backward must replay the
+    same ranges, so they are returned.
+    """
     y = torch.empty((geom.batch, geom.out_channels, *geom.out_spatial), dtype=out_dtype, device=x.device)
     rows = _output_rows(y, geom)
     x_pad = pad_input(x, geom)
-    for start, end in chunk_ranges(geom.num_patches, chunk_size):
-        chunk = ChunkIndex.build(start, end, geom, x.device)
-        patches = gather_patches(x_pad, chunk, geom)
-        out = contract(run_generator(generator, patches, geom), patches, geom)
-        rows[chunk.image, chunk.flat] = out.to(out_dtype)
-    return y
+    used: list[tuple[int, int]] = []
+    start, size, total = 0, chunk_size, geom.num_patches
+    while start < total:
+        end = min(start + size, total)
+        try:
+            chunk = ChunkIndex.build(start, end, geom, x.device)
+            patches = gather_patches(x_pad, chunk, geom)
+            out = contract(run_generator(generator, patches, geom), patches, geom)
+            rows[chunk.image, chunk.flat] = out.to(out_dtype)
+        except torch.OutOfMemoryError:
+            if end - start == 1:
+                raise
+            size = (end - start) // 2
+            _warn_oom_once(start, end, size)
+            continue
+        used.append((start, end))
+        start = end
+    return y, used
 
 
 def backward_chunks(
@@ -174,17 +226,20 @@ def backward_chunks(
     generator: Generator,
     params: Sequence[Tensor],
     geom: ConvGeometry,
-    chunk_size: int,
+    ranges: Sequence[tuple[int, int]],
     grad_y: Tensor,
     *,
     input_grad: bool,
+    splittable: bool = True,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
     """Recompute every chunk and return the gradients of ``x`` and of ``params``.
 
-    Must run with grad mode enabled and with the RNG and autocast state of the
-    forward restored by the caller, so that each chunk is recomputed exactly.
-    Parameter gradients are summed over chunks; patch gradients are scattered
-    into one padded buffer that is mapped back through the padding at the end.
+    Must run with grad mode enabled and with the RNG and autocast state of the forward
+    restored by the caller, replaying the forward's chunk ``ranges`` so that each chunk is
+    recomputed exactly. Parameter gradients are summed over chunks; patch gradients are
+    scattered into one padded buffer that is mapped back through the padding at the end.
+    A chunk that runs out of device memory is split in two and retried when ``splittable``
+    (the generator draws no random numbers, so smaller chunks recompute the same values).
     """
     wanted = [p for p in params if p.requires_grad]
     if not (input_grad or wanted):
@@ -195,14 +250,23 @@ def backward_chunks(
     grad_pad = torch.zeros(source.shape, dtype=x.dtype, device=x.device) if input_grad else None
     grad_rows = _output_rows(grad_y, geom)
     param_grads: list[Tensor | None] = [None] * len(wanted)
-    for start, end in chunk_ranges(geom.num_patches, chunk_size):
-        chunk = ChunkIndex.build(start, end, geom, x.device)
-        patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
-        out = contract(run_generator(generator, patches, geom), patches, geom)
-        targets = ([patches] if input_grad else []) + wanted
-        grads = torch.autograd.grad(
-            out, targets, grad_rows[chunk.image, chunk.flat].to(out.dtype), allow_unused=True
-        )
+    pending = list(reversed(ranges))
+    while pending:
+        start, end = pending.pop()
+        try:
+            chunk = ChunkIndex.build(start, end, geom, x.device)
+            patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
+            out = contract(run_generator(generator, patches, geom), patches, geom)
+            targets = ([patches] if input_grad else []) + wanted
+            upstream = grad_rows[chunk.image, chunk.flat].to(out.dtype)
+            grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
+        except torch.OutOfMemoryError:
+            if not splittable or end - start == 1:
+                raise
+            mid = (start + end) // 2
+            _warn_oom_once(start, end, mid - start)
+            pending += [(mid, end), (start, mid)]
+            continue
         if input_grad:
             assert grad_pad is not None
             scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)

@@ -10,6 +10,7 @@ when not (no saved tensors under ``torch.no_grad``/``inference_mode``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +22,17 @@ from .geometry import ConvGeometry, ConvSpec, conv_spec
 from .planner import Plan, make_plan
 
 __all__ = [
+    "apply_spec",
     "dynamic_conv",
     "dynamic_conv1d",
     "dynamic_conv2d",
     "dynamic_conv3d",
+    "plan",
+    "plan_spec",
 ]
 
 Generator = Callable[[Tensor], Tensor]
+Budget = str | int | float | None
 
 # Modules whose output for one row depends on the other rows of the same call
 # when given a 2-D (B, features) tensor: chunking would change their results.
@@ -55,8 +60,10 @@ def _batch_coupled_reason(generator: Generator) -> str | None:
     return None
 
 
-def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool) -> dict[str, Tensor]:
-    """Refuse generators that cannot work on ``x``; return the parameters autograd must track."""
+def _check_generator(
+    generator: Generator, device: torch.device, dtype: torch.dtype, allow_batch_coupled: bool
+) -> dict[str, Tensor]:
+    """Refuse generators that cannot work on the input; return the parameters autograd must track."""
     if not callable(generator):
         raise TypeError(
             f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
@@ -73,31 +80,29 @@ def _check_generator(generator: Generator, x: Tensor, allow_batch_coupled: bool)
             )
     if not isinstance(generator, nn.Module):
         return {}
-    params = dict(generator.named_parameters())
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = torch.is_autocast_enabled(device.type)
     for name, tensor in [*generator.named_parameters(), *generator.named_buffers()]:
-        if tensor.device != x.device:
+        if tensor.device != device:
             raise ValueError(
-                f"The generator's {name!r} is on {tensor.device} but the input is on {x.device}; "
+                f"The generator's {name!r} is on {tensor.device} but the input is on {device}; "
                 "expected both on the same device (move the generator with .to(device))."
             )
-        if not autocast and tensor.is_floating_point() and tensor.dtype != x.dtype:
+        if not autocast and tensor.is_floating_point() and tensor.dtype != dtype:
             raise ValueError(
-                f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {x.dtype}; "
+                f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {dtype}; "
                 "expected the same dtype (convert one with .to(dtype), or run under torch.autocast)."
             )
-    return params
+    return dict(generator.named_parameters())
 
 
-def _result_dtype(x: Tensor) -> torch.dtype:
-    """The output dtype torch's conv would give for ``x`` under the current autocast state."""
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
+def _result_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The output dtype torch's conv would give for an input under the current autocast state."""
+    if torch.is_autocast_enabled(device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
-def _check_bias(bias: Tensor | None, x: Tensor, out_channels: int) -> None:
+def _check_bias(bias: Tensor | None, device: torch.device, out_channels: int) -> None:
     if bias is None:
         return
     if not isinstance(bias, Tensor):
@@ -107,51 +112,80 @@ def _check_bias(bias: Tensor | None, x: Tensor, out_channels: int) -> None:
             f"Invalid shape for `bias`; expected ({out_channels},) for out_channels={out_channels}, "
             f"got {tuple(bias.shape)}."
         )
-    if bias.device != x.device:
-        raise ValueError(f"`bias` is on {bias.device} but the input is on {x.device}; expected the same device.")
+    if bias.device != device:
+        raise ValueError(f"`bias` is on {bias.device} but the input is on {device}; expected the same device.")
 
 
-def _batched(input: object, ndim: int, op: str) -> tuple[Tensor, bool]:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
-    if input.dim() not in (ndim + 1, ndim + 2):
+def _batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) -> tuple[tuple[int, ...], bool]:
+    """The ``(N, C, *spatial)`` shape of an input and whether it was unbatched."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (ndim + 1, ndim + 2):
         raise ValueError(
             f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, "
-            f"got input of shape {tuple(input.shape)}."
+            f"got input of shape {shape}."
         )
-    if not input.is_floating_point():
-        raise TypeError(f"Expected a floating-point input to {op}, got dtype {input.dtype}.")
-    unbatched = input.dim() == ndim + 1
-    return (input.unsqueeze(0) if unbatched else input), unbatched
-
-
-def _check_channels(input: Tensor, unbatched: bool, in_channels: int) -> None:
-    channels = input.shape[0 if unbatched else 1]
+    unbatched = len(shape) == ndim + 1
+    channels = shape[0 if unbatched else 1]
     if channels != in_channels:
         raise ValueError(
             f"Expected input with {in_channels} channels (in_channels={in_channels}), "
-            f"got {channels} channels in input of shape {tuple(input.shape)}."
+            f"got {channels} channels in input of shape {shape}."
         )
+    return ((1, *shape) if unbatched else shape), unbatched
 
 
-def prepare(
-    input: Tensor,
+@dataclass(frozen=True)
+class _Call:
+    """One checked call: its geometry, what needs a gradient, and its plan."""
+
+    geom: ConvGeometry
+    unbatched: bool
+    params: dict[str, Tensor]
+    out_dtype: torch.dtype
+    plan: Plan
+
+
+def _check_call(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
     generator: Generator,
     spec: ConvSpec,
     bias: Tensor | None,
     *,
+    budget: Budget,
     chunk_size: int | None,
     allow_batch_coupled: bool,
+    training: bool | None,
+    input_grad: bool,
+    estimate: bool,
     op: str,
-) -> tuple[Tensor, bool, ConvGeometry, dict[str, Tensor], Plan]:
-    """Every check and the plan, before any tensor work."""
-    x, unbatched = _batched(input, spec.ndim, op)
-    _check_channels(input, unbatched, spec.in_channels)
-    geom = spec.geometry(x.shape)
-    _check_bias(bias, x, spec.out_channels)
-    params = _check_generator(generator, x, allow_batch_coupled)
-    plan = make_plan(geom, dtype=_result_dtype(x), chunk_size=chunk_size)
-    return x, unbatched, geom, params, plan
+) -> _Call:
+    """Every check and the plan, from the input's shape, dtype and device: no tensor work."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"Expected a floating-point input to {op}, got dtype {dtype}.")
+    batched, unbatched = _batched_shape(shape, spec.ndim, spec.in_channels, op)
+    geom = spec.geometry(batched)
+    _check_bias(bias, device, spec.out_channels)
+    params = _check_generator(generator, device, dtype, allow_batch_coupled)
+    if training is None:
+        training = torch.is_grad_enabled() and (
+            input_grad or any(t.requires_grad for t in (*params.values(), *([bias] if bias is not None else [])))
+        )
+    out_dtype = _result_dtype(device, dtype)
+    plan = make_plan(
+        geom,
+        generator=generator,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        device=device,
+        budget=budget,
+        chunk_size=chunk_size,
+        training=training,
+        input_grad=input_grad and training,
+        estimate=estimate,
+    )
+    return _Call(geom, unbatched, params, out_dtype, plan)
 
 
 def apply_spec(
@@ -160,25 +194,142 @@ def apply_spec(
     spec: ConvSpec,
     bias: Tensor | None = None,
     *,
+    budget: Budget = "auto",
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
     op: str = "dynamic_conv",
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
-    x, unbatched, geom, params, plan = prepare(
-        input, generator, spec, bias, chunk_size=chunk_size, allow_batch_coupled=allow_batch_coupled, op=op
+    if not isinstance(input, Tensor):
+        raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
+    call = _check_call(
+        input.shape,
+        input.dtype,
+        input.device,
+        generator,
+        spec,
+        bias,
+        budget=budget,
+        chunk_size=chunk_size,
+        allow_batch_coupled=allow_batch_coupled,
+        training=None,
+        input_grad=input.requires_grad,
+        estimate=False,
+        op=op,
     )
-    run = ForwardContext(generator, tuple(params), geom, plan.chunk_size, _result_dtype(x))
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, *params.values(), *([bias] if bias is not None else []))
-    )
-    if needs_grad:
-        y = DynamicConvFunction.apply(x, bias, run, *params.values())
+    x = input.unsqueeze(0) if call.unbatched else input
+    geom, chunk = call.geom, call.plan.chunk_size
+    if call.plan.training:
+        run = ForwardContext(generator, tuple(call.params), geom, chunk, call.out_dtype)
+        y = DynamicConvFunction.apply(x, bias, run, *call.params.values())
     else:
-        y = forward_chunks(x, generator, geom, plan.chunk_size, run.out_dtype)
+        y, _ = forward_chunks(x, generator, geom, chunk, call.out_dtype)
         if bias is not None:
             y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
-    return y.squeeze(0) if unbatched else y
+    return y.squeeze(0) if call.unbatched else y
+
+
+def plan_spec(
+    input: Tensor | Sequence[int],
+    generator: Generator,
+    spec: ConvSpec,
+    bias: Tensor | None = None,
+    *,
+    budget: Budget = "auto",
+    chunk_size: int | None = None,
+    allow_batch_coupled: bool = False,
+    training: bool | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    op: str = "plan",
+) -> Plan:
+    """The :class:`Plan` a call on ``input`` (a tensor, or just its shape) would run."""
+    if isinstance(input, Tensor):
+        shape, dtype, dev, input_grad = input.shape, input.dtype, input.device, input.requires_grad
+    else:
+        reference = next(iter(generator.parameters()), None) if isinstance(generator, nn.Module) else None
+        dtype = dtype or (reference.dtype if reference is not None else torch.get_default_dtype())
+        fallback = reference.device if reference is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else fallback
+        shape, input_grad = tuple(input), True
+    call = _check_call(
+        shape,
+        dtype,
+        dev,
+        generator,
+        spec,
+        bias,
+        budget=budget,
+        chunk_size=chunk_size,
+        allow_batch_coupled=allow_batch_coupled,
+        training=training,
+        input_grad=input_grad,
+        estimate=True,
+        op=op,
+    )
+    return call.plan
+
+
+def _spec_for(
+    shape: Sequence[int],
+    ndim: int | None,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+    groups: int,
+    padding_mode: str,
+    op: str,
+) -> ConvSpec:
+    """The spec of a functional call; ``in_channels`` is read off the input's shape."""
+    d = ndim if ndim is not None else (len(kernel_size) if isinstance(kernel_size, Sequence) else 2)
+    if len(shape) not in (d + 1, d + 2):
+        raise ValueError(
+            f"Expected {d + 1}-D (unbatched) or {d + 2}-D (batched) input to {op}, got input of shape {tuple(shape)}."
+        )
+    return conv_spec(
+        d,
+        in_channels=int(shape[0 if len(shape) == d + 1 else 1]),
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+
+
+_FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``generator`` makes from its patch.
+
+    Args:
+        input: ``(N, C_in, {dims})`` or unbatched ``(C_in, {dims})``.
+        generator: ``nn.Module`` or callable mapping patches ``(B, C_in * prod(kernel_size))``
+            (rows in ``F.unfold`` order) to weights ``(B, out_channels, C_in // groups,
+            *kernel_size)`` or the same flattened.
+        out_channels: channels of the output.
+        kernel_size, stride, padding, dilation, groups: as for ``F.conv{n}``; ``padding`` may be
+            ``"same"`` or ``"valid"``.{ndim_note}
+        bias: optional ``(out_channels,)`` tensor. Default: ``None``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as for
+            ``nn.Conv{n}``. Default: ``"zeros"``.
+        budget: memory budget of the call: ``"4GB"``, ``"512MiB"``, bytes, a fraction of free
+            memory, or ``"auto"``. Default: ``"auto"``.
+        chunk_size: patches per chunk, overriding the budget. Default: ``None``.
+        allow_batch_coupled: accept generators whose rows interact (chunk-dependent results).
+            Default: ``False``.
+
+    Returns:
+        ``(N, out_channels, *out)`` (unbatched in, unbatched out), with torch's output size
+        ``out = floor((in + pad_left + pad_right - dilation * (k - 1) - 1) / stride) + 1``.
+
+    Raises:
+        ValueError, TypeError: bad arguments or input, before any work.
+        BudgetTooSmallError: not even one patch per chunk fits ``budget``.
+        GeneratorOutputError: the generator's output is not one weight per patch.
+        BatchCoupledGeneratorError: the generator mixes patches (e.g. BatchNorm in training mode).
+"""
 
 
 def _functional(ndim: int | None, op: str):
@@ -194,33 +345,34 @@ def _functional(ndim: int | None, op: str):
         groups: int = 1,
         *,
         padding_mode: str = "zeros",
+        budget: Budget = "auto",
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
     ) -> Tensor:
-        d = ndim
-        if d is None:
-            d = len(kernel_size) if isinstance(kernel_size, Sequence) else 2
         if not isinstance(input, Tensor):
             raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
-        channel_dim = 0 if input.dim() == d + 1 else 1
-        if input.dim() <= channel_dim:
-            raise ValueError(f"Expected {d + 1}-D or {d + 2}-D input to {op}, got shape {tuple(input.shape)}.")
-        spec = conv_spec(
-            d,
-            in_channels=input.shape[channel_dim],
-            out_channels=out_channels,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            padding_mode=padding_mode,
+        spec = _spec_for(
+            input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
         return apply_spec(
-            input, generator, spec, bias, chunk_size=chunk_size, allow_batch_coupled=allow_batch_coupled, op=op
+            input,
+            generator,
+            spec,
+            bias,
+            budget=budget,
+            chunk_size=chunk_size,
+            allow_batch_coupled=allow_batch_coupled,
+            op=op,
         )
 
     conv.__name__ = conv.__qualname__ = op
+    dims = {1: "L", 2: "H, W", 3: "D, H, W", None: "*spatial"}[ndim]
+    conv.__doc__ = _FUNCTIONAL_DOC.format(
+        what=f"{ndim}-D convolution" if ndim else "convolution",
+        dims=dims,
+        n=f"{ndim}d" if ndim else "*d",
+        ndim_note="" if ndim else " The number of spatial dims is ``len(kernel_size)`` (an int means 2-D).",
+    )
     return conv
 
 
@@ -228,3 +380,62 @@ dynamic_conv = _functional(None, "dynamic_conv")
 dynamic_conv1d = _functional(1, "dynamic_conv1d")
 dynamic_conv2d = _functional(2, "dynamic_conv2d")
 dynamic_conv3d = _functional(3, "dynamic_conv3d")
+
+
+def plan(
+    input: Tensor | Sequence[int],
+    generator: Generator,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    padding_mode: str = "zeros",
+    budget: Budget = "auto",
+    chunk_size: int | None = None,
+    allow_batch_coupled: bool = False,
+    training: bool | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Plan:
+    """What :func:`dynamic_conv` would do on ``input`` and what it would cost, without running it.
+
+    Takes the arguments of :func:`dynamic_conv`; ``input`` may be a tensor or just its shape.
+    The generator is run once on a small probe batch to measure its memory (cached).
+
+    Args:
+        training: plan for forward and backward (``True``) or forward only. Default: whether
+            grad mode is on and anything (the input, for a shape always assumed) needs a gradient.
+        dtype, device: for a shape: default the generator's parameters' (else float32, CPU).
+
+    Returns:
+        A frozen :class:`Plan`; ``print(plan)`` shows the table.
+
+    Raises:
+        BudgetTooSmallError: with the smallest budget that fits.
+
+    Examples:
+        >>> import torch, chunkconv
+        >>> gen = torch.nn.Sequential(torch.nn.Linear(36, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4 * 36))
+        >>> p = chunkconv.plan((2, 4, 64, 64), gen, 4, 3, padding=1, budget="64MB")
+        >>> p.num_chunks >= 1 and p.forward_peak <= p.budget
+        True
+
+    """
+    shape = input.shape if isinstance(input, Tensor) else tuple(input)
+    spec = _spec_for(shape, None, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "plan")
+    return plan_spec(
+        input,
+        generator,
+        spec,
+        bias,
+        budget=budget,
+        chunk_size=chunk_size,
+        allow_batch_coupled=allow_batch_coupled,
+        training=training,
+        dtype=dtype,
+        device=device,
+    )

@@ -33,6 +33,7 @@ def check_ntuple(value: object, n: int, name: str, *, minimum: int = 1) -> tuple
     Raises:
         TypeError: ``value`` is neither an int nor a sequence of ints.
         ValueError: wrong length or an entry below ``minimum``.
+
     """
     expected = f"an int or a tuple of {n} ints >= {minimum}"
     if isinstance(value, bool):
@@ -69,6 +70,7 @@ class ConvGeometry:
         in_spatial: spatial size of the (unpadded) input.
         padded_spatial: spatial size after padding.
         out_spatial: spatial size of the output.
+
     """
 
     kernel_size: tuple[int, ...]
@@ -149,6 +151,7 @@ def conv_geometry(
     Raises:
         ValueError: channel mismatch, a kernel larger than the padded input, or
             padding that ``padding_mode`` cannot produce.
+
     """
     d = len(kernel_size)
     if len(input_shape) != d + 2:
@@ -269,6 +272,7 @@ def conv_spec(
 
     Raises:
         TypeError, ValueError: with the argument, what was expected and what was got.
+
     """
     in_channels = _check_positive_int(in_channels, "in_channels")
     out_channels = _check_positive_int(out_channels, "out_channels")

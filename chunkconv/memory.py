@@ -52,7 +52,11 @@ Limits (CPU):
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
@@ -261,8 +265,9 @@ class _CpuBackend(_Backend[_CpuState]):
             experimental_config=_ExperimentalConfig(),
         )
         # torch.autograd.profiler.profile does the same two calls; enabling without preparing crashes.
-        torch.autograd._prepare_profiler(config, self._ACTIVITIES)
-        torch.autograd._enable_profiler(config, self._ACTIVITIES)
+        with _quiet_stderr():
+            torch.autograd._prepare_profiler(config, self._ACTIVITIES)
+            torch.autograd._enable_profiler(config, self._ACTIVITIES)
         self._running = True
 
     def _pause(self) -> None:
@@ -273,7 +278,9 @@ class _CpuBackend(_Backend[_CpuState]):
             for _, state in self._stack:
                 state.broken = True
             raise RuntimeError(_PROFILER_STOPPED)
-        events = _cpu_allocations(torch.autograd._disable_profiler())
+        with _quiet_stderr():
+            result = torch.autograd._disable_profiler()
+        events = _cpu_allocations(result)
         for _, state in self._stack:
             state.replay(events)
 
@@ -284,6 +291,24 @@ class _CpuBackend(_Backend[_CpuState]):
         if state.broken:
             raise RuntimeError(_PROFILER_STOPPED)
         return state.peak, state.net
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 briefly: the profiler's C++ side prints a line at every start and stop."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cpu_allocations(result: _ProfilerResult) -> list[tuple[int, int]]:

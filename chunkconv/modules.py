@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import apply_spec
+from .budget import parse_budget
+from .functional import Budget, apply_spec, plan_spec
 from .geometry import conv_spec
+from .planner import Plan
 
 __all__ = ["DynamicConv", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
@@ -31,7 +33,9 @@ class DynamicConv(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, dilation,
             groups, bias, padding_mode, device, dtype: as for ``nn.Conv*d``.
             The number of spatial dims is ``len(kernel_size)`` (an int means 2-D).
-        chunk_size: patches per chunk, overriding the planner. Default: ``None``.
+        budget: the memory one call may allocate (forward, and backward separately): ``"4GB"``,
+            ``"512MiB"``, bytes, a fraction of free memory, or ``"auto"``. Default: ``"auto"``.
+        chunk_size: patches per chunk, overriding the budget (expert use). Default: ``None``.
         allow_batch_coupled: run generators whose rows interact (BatchNorm in
             training mode, attention) although their results then depend on
             the chunking. Default: ``False``.
@@ -48,6 +52,7 @@ class DynamicConv(nn.Module):
         >>> conv = chunkconv.DynamicConv(gen, 4, 6, kernel_size=3, padding=1)
         >>> conv(torch.randn(2, 4, 10, 10)).shape
         torch.Size([2, 6, 10, 10])
+
     """
 
     _ndim: int | None = None
@@ -66,6 +71,7 @@ class DynamicConv(nn.Module):
         padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        budget: Budget = "auto",
         *,
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
@@ -87,9 +93,12 @@ class DynamicConv(nn.Module):
             padding_mode=padding_mode,
         )
         self.generator = generator
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        if chunk_size is not None and bad_chunk:
             raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
         self.chunk_size = chunk_size
+        parse_budget(budget, device)  # refuse a bad budget now, not at the first forward
+        self.budget = budget
         self.allow_batch_coupled = allow_batch_coupled
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
@@ -120,9 +129,47 @@ class DynamicConv(nn.Module):
             self.generator,
             self.spec,
             self.bias,
+            budget=self.budget,
             chunk_size=self.chunk_size,
             allow_batch_coupled=self.allow_batch_coupled,
             op=type(self).__name__,
+        )
+
+    def plan(
+        self,
+        input: Tensor | Sequence[int],
+        *,
+        training: bool | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Plan:
+        """What ``self(input)`` would do and cost, without running it; ``input`` may be a shape.
+
+        Args:
+            training: plan forward and backward (default: grad mode is on and something needs
+                a gradient; for a shape the input is assumed to need one).
+            dtype, device: for a shape (default: the generator's parameters').
+
+        Examples:
+            >>> import torch, chunkconv
+            >>> gen = torch.nn.Sequential(torch.nn.Linear(36, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4 * 36))
+            >>> conv = chunkconv.DynamicConv(gen, 4, 4, 3, padding=1, budget="64MB")
+            >>> conv.plan((2, 4, 64, 64)).num_chunks >= 1
+            True
+
+        """
+        return plan_spec(
+            input,
+            self.generator,
+            self.spec,
+            self.bias,
+            budget=self.budget,
+            chunk_size=self.chunk_size,
+            allow_batch_coupled=self.allow_batch_coupled,
+            training=training,
+            dtype=dtype,
+            device=device,
+            op=f"{type(self).__name__}.plan",
         )
 
     def extra_repr(self) -> str:
@@ -141,6 +188,8 @@ class DynamicConv(nn.Module):
             parts.append("bias=False")
         if s.padding_mode != "zeros":
             parts.append(f"padding_mode={s.padding_mode!r}")
+        if self.budget != "auto":
+            parts.append(f"budget={self.budget!r}")
         if self.chunk_size is not None:
             parts.append(f"chunk_size={self.chunk_size}")
         if self.allow_batch_coupled:

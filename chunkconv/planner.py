@@ -1,57 +1,486 @@
-"""Choose chunk sizes over the patch dimension from shapes alone.
+"""Choose the chunk size over the patch dimension that fits a memory budget.
 
-The planner never touches the input tensor: it works on a
-:class:`~chunkconv.geometry.ConvGeometry`, dtypes and byte counts, and returns
-a frozen, printable :class:`Plan` that the executor runs.
+The planner never touches the user's input. It works on a
+:class:`~chunkconv.geometry.ConvGeometry`, dtypes and byte counts, plus one
+measurement of the generator: the generator is arbitrary, so instead of
+assuming an MLP the planner runs one real chunk step (patch gather, generator,
+contraction; and the recompute-and-differentiate step of backward) on two
+small probe batches under :class:`~chunkconv.memory.MemoryTracker` and fits
+``bytes = intercept + per_patch * patches``. That measurement is cached per
+generator and configuration, and plans are cached per input shape, so a
+training loop pays for planning once.
+
+Memory model of one call (see ``docs/memory.md``)::
+
+    forward peak  = output + padded input copy              (fixed)
+                  + step_forward(chunk)                      (measured)
+    backward peak = padded input + input-gradient buffers
+                  + 2 x generator parameters (gradient accumulators)       (fixed)
+                  + step_backward(chunk)                     (measured)
+
+and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from .geometry import ConvGeometry
+from .budget import format_bytes, parse_budget
+from .errors import BudgetTooSmallError
+from .execute import backward_chunks, bind_parameters, forward_chunks
+from .geometry import ConvGeometry, conv_geometry
+from .memory import MemoryTracker
 
-__all__ = ["Plan", "make_plan"]
+__all__ = [
+    "SAFETY_FACTOR",
+    "ChunkCost",
+    "Plan",
+    "StepCost",
+    "make_plan",
+    "measure_chunk_cost",
+    "safety_bytes",
+]
 
-# Without a budget, aim for chunks whose generated weights take about this much:
-# large enough to keep matmuls efficient, small enough to stay in cache on CPU.
-_DEFAULT_CHUNK_WEIGHT_BYTES = 32 * 2**20
+Generator = Callable[[Tensor], Tensor]
+
+# The plan keeps SAFETY_FACTOR * estimated peak + safety_bytes(device) within the budget. The
+# factor covers what the linear fit cannot see exactly (a BLAS picking another kernel at a larger
+# size, index temporaries); the additive part covers allocator rounding: CUDA's caching allocator
+# rounds every block up to 512 bytes and its statistics count the rounded sizes.
+SAFETY_FACTOR = 1.10
+_SAFETY_BYTES = {"cpu": 64 * 1024, "cuda": 2 * 2**20}
+# Probe sizes (patches per probe chunk): large enough that per-patch costs dominate, small
+# enough to be cheap. CUDA's allocator rounds small blocks, so probe it larger.
+_PROBE_ROWS = {"cpu": (64, 256), "cuda": (512, 2048)}
+
+
+def safety_bytes(device: torch.device) -> int:
+    """The additive safety margin for ``device`` (allocator rounding)."""
+    return _SAFETY_BYTES.get(device.type, _SAFETY_BYTES["cuda"])
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Bytes one chunk step allocates above what existed before it: ``intercept + per_patch * B``."""
+
+    intercept: int
+    per_patch: float
+
+    def at(self, patches: int) -> int:
+        return math.ceil(self.intercept + self.per_patch * patches)
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """The measured cost of one chunk step, forward and (when training) backward."""
+
+    forward: StepCost
+    backward: StepCost | None
+    method: str  # how it was measured, shown in the plan
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call is split: ``num_chunks`` chunks of ``chunk_size`` patches."""
+    """What one call will do and what it will cost, computed from shapes alone.
+
+    Attributes:
+        geometry: shapes, padding and output size of the call.
+        chunk_size: patches per chunk (the last chunk may be smaller).
+        training: whether backward will run (forward and backward use the same chunks, so
+            that recomputation replays the forward's random numbers exactly).
+        budget: the budget in bytes, or ``None`` when ``chunk_size`` was given.
+        budget_spec: the budget as the user wrote it.
+        forward_peak / backward_peak: estimated peak bytes above the start of forward and of
+            backward (``None`` when not estimated, or no backward).
+        fixed_forward / fixed_backward: the chunk-independent allocations, by name.
+        cost: the measured per-chunk cost (``None`` when not measured).
+        minimum_budget: the smallest budget this call fits in (one patch per chunk).
+        unchunked_forward / unchunked_training: what one chunk of all patches (the unchunked
+            recipe) would need, from the same model.
+        reason: why this chunk size.
+
+    """
 
     geometry: ConvGeometry
     chunk_size: int
-    reason: str
+    training: bool
+    dtype: torch.dtype
+    device: torch.device
+    budget: int | None = None
+    budget_spec: str = ""
+    forward_peak: int | None = None
+    backward_peak: int | None = None
+    fixed_forward: dict[str, int] = field(default_factory=dict)
+    fixed_backward: dict[str, int] = field(default_factory=dict)
+    cost: ChunkCost | None = None
+    minimum_budget: int | None = None
+    unchunked_forward: int | None = None
+    unchunked_training: int | None = None
+    reason: str = ""
 
     @property
     def num_chunks(self) -> int:
-        return math.ceil(self.geometry.num_patches / self.chunk_size)
+        return math.ceil(self.geometry.num_patches / self.chunk_size) if self.geometry.num_patches else 0
 
     def __str__(self) -> str:
         g = self.geometry
-        return (
-            f"Plan: {g.num_patches} patches (N={g.batch} x L={g.locations_per_image}) of "
-            f"{g.patch_size} features -> {self.num_chunks} chunks of {self.chunk_size} ({self.reason})"
-        )
+        b = format_bytes
+        mode = "training (forward, then backward recomputes each chunk)" if self.training else "inference"
+        lines = [
+            f"chunkconv plan: {mode}",
+            f"  input    ({g.batch}, {g.in_channels}, {', '.join(map(str, g.in_spatial))}) {str(self.dtype)[6:]}"
+            f" on {self.device} -> output ({g.batch}, {g.out_channels}, {', '.join(map(str, g.out_spatial))})",
+            f"  patches  {g.num_patches:,} (N={g.batch} x L={g.locations_per_image:,}), {g.patch_size} features,"
+            f" weight {g.weight_numel:,} entries each",
+            f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})",
+        ]
+        if self.budget is not None:
+            lines.append(
+                f"  budget   {b(self.budget)} (budget={self.budget_spec}); kept: "
+                f"{SAFETY_FACTOR:.2f} x peak + {b(safety_bytes(self.device))} <= budget"
+            )
+        if self.forward_peak is not None:
+            peaks = f"forward {b(self.forward_peak)}"
+            if self.backward_peak is not None:
+                peaks += f", backward {b(self.backward_peak)}"
+            lines.append(f"  peak     {peaks} (estimated, above the allocation at the start of each)")
+        for title, parts, step in (
+            ("forward ", self.fixed_forward, self.cost.forward if self.cost else None),
+            ("backward", self.fixed_backward if self.training else {}, self.cost.backward if self.cost else None),
+        ):
+            if not parts and step is None:
+                continue
+            items = [f"{name} {b(n)}" for name, n in parts.items() if n]
+            if step is not None:
+                items.append(
+                    f"per chunk {b(step.at(self.chunk_size))} "
+                    f"({b(round(step.per_patch))}/patch + {b(step.intercept)})"
+                )
+            lines.append(f"  {title} " + ", ".join(items))
+        if self.unchunked_forward is not None:
+            text = f"forward {b(self.unchunked_forward)}"
+            if self.unchunked_training is not None:
+                text += f", training {b(self.unchunked_training)}"
+            lines.append(f"  unchunked (all {g.num_patches:,} patches at once) would need ~{text}")
+        if self.minimum_budget is not None:
+            lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
+        if self.cost is not None:
+            lines.append(f"  generator cost {self.cost.method}")
+        return "\n".join(lines)
+
+
+# -- measuring the generator -------------------------------------------------------------------
+
+
+class _OutputBytes(TorchDispatchMode):
+    """Upper bound of a block's allocations: the bytes of every new storage an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._seen:
+                    self._seen.add(storage.data_ptr())
+                    self.total += storage.nbytes()
+        return out
+
+
+def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[int, str]:
+    try:
+        with MemoryTracker(device) as tracker:
+            fn()
+        return tracker.peak, "measured by the allocator"
+    except RuntimeError as error:  # e.g. a torch.profiler session is running (CPU tracker)
+        if "profiler" not in str(error).lower():
+            raise
+    with _OutputBytes() as mode:
+        fn()
+    return mode.total, "bounded by summing op outputs (a profiler was running)"
+
+
+def _probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
+    """One unpadded image with exactly ``rows`` output locations and ``geom``'s kernel."""
+    receptive = [dil * (k - 1) + 1 for k, dil in zip(geom.kernel_size, geom.dilation)]
+    spatial = [(rows - 1) * geom.stride[0] + receptive[0], *receptive[1:]]
+    return conv_geometry(
+        (1, geom.in_channels, *spatial),
+        in_channels=geom.in_channels,
+        out_channels=geom.out_channels,
+        kernel_size=geom.kernel_size,
+        stride=geom.stride,
+        padding=(0,) * geom.ndim,
+        dilation=geom.dilation,
+        groups=geom.groups,
+        padding_mode="zeros",
+    )
+
+
+def _stand_ins(generator: Generator) -> dict[str, Tensor]:
+    """Detached parameters and cloned buffers, so probing changes nothing the user owns."""
+    if not isinstance(generator, nn.Module):
+        return {}
+    tensors = {n: p.detach().requires_grad_(p.requires_grad) for n, p in generator.named_parameters()}
+    tensors.update({n: b.clone() for n, b in generator.named_buffers()})
+    return tensors
+
+
+def _fit(points: list[tuple[int, int]]) -> StepCost:
+    (r1, c1), (r2, c2) = points
+    per_patch = max((c2 - c1) / (r2 - r1), 0.0)
+    if per_patch == 0.0:
+        per_patch = c2 / r2
+    return StepCost(intercept=max(0, math.ceil(c1 - per_patch * r1)), per_patch=per_patch)
+
+
+def measure_chunk_cost(
+    generator: Generator,
+    geom: ConvGeometry,
+    *,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    training: bool,
+    input_grad: bool,
+) -> ChunkCost:
+    """Run one real chunk step on two small probe batches and fit bytes per patch.
+
+    The generator runs on random probe patches with detached parameters and cloned buffers,
+    under a forked RNG: the user's parameters, buffers, hooks' targets and random stream are
+    left as they were. Forward hooks on the generator do see the probe calls.
+    """
+    stand_ins = _stand_ins(generator)
+    bound = bind_parameters(generator, stand_ins)
+    params = [t for n, t in stand_ins.items() if isinstance(generator, nn.Module) and t.requires_grad]
+    forward_points, backward_points = [], []
+    method = ""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        for rows in _PROBE_ROWS.get(device.type, _PROBE_ROWS["cuda"]):
+            probe = _probe_geometry(geom, rows)
+            x = torch.randn((1, geom.in_channels, *probe.in_spatial), dtype=dtype, device=device)
+            out_bytes = rows * geom.out_channels * out_dtype.itemsize
+            with torch.no_grad():
+                peak, method = _measure(
+                    device, lambda x=x, probe=probe, rows=rows: forward_chunks(x, bound, probe, rows, out_dtype)
+                )
+            forward_points.append((rows, max(0, peak - out_bytes)))
+            if training:
+                x.requires_grad_(input_grad)
+                grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
+                with torch.enable_grad():
+                    peak, _ = _measure(
+                        device,
+                        lambda x=x, probe=probe, rows=rows, grad_y=grad_y: backward_chunks(
+                            x, bound, params, probe, [(0, rows)], grad_y, input_grad=input_grad
+                        ),
+                    )
+                buffers = x.numel() * dtype.itemsize if input_grad else 0
+                backward_points.append((rows, max(0, peak - buffers)))
+    return ChunkCost(
+        forward=_fit(forward_points),
+        backward=_fit(backward_points) if training else None,
+        method=method,
+    )
+
+
+# -- caches ------------------------------------------------------------------------------------
+
+_CACHE_LIMIT = 64
+_by_generator: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def _cache_for(generator: Generator) -> dict[tuple, Any]:
+    try:
+        return _by_generator.setdefault(generator, {})
+    except TypeError:  # not weak-referenceable: no caching
+        return {}
+
+
+def _remember(cache: dict[tuple, Any], key: tuple, value: Any) -> Any:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
+def _generator_state(generator: Generator) -> tuple:
+    if not isinstance(generator, nn.Module):
+        return ()
+    return (
+        tuple(m.training for m in generator.modules()),
+        tuple(p.requires_grad for p in generator.parameters()),
+    )
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def _fixed_costs(
+    geom: ConvGeometry, dtype: torch.dtype, out_dtype: torch.dtype, param_bytes: int, input_grad: bool
+) -> tuple[dict[str, int], dict[str, int]]:
+    item, out_item = dtype.itemsize, out_dtype.itemsize
+    output = geom.num_patches * geom.out_channels * out_item
+    padded = geom.batch * geom.in_channels * math.prod(geom.padded_spatial) * item
+    unpadded = geom.batch * geom.in_channels * math.prod(geom.in_spatial) * item
+    pad_copy = padded if geom.is_padded else 0
+    forward = {"output": output, "padded input": pad_copy}
+    backward = {
+        "padded input": pad_copy,
+        "input gradient (padded)": padded if input_grad else 0,
+        "input gradient": unpadded if input_grad and geom.is_padded else 0,
+        "gradient accumulators": 2 * param_bytes,
+    }
+    return forward, backward
 
 
 def make_plan(
     geom: ConvGeometry,
     *,
+    generator: Generator,
     dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    budget: str | int | float | None = "auto",
     chunk_size: int | None = None,
+    training: bool = False,
+    input_grad: bool = True,
+    estimate: bool = True,
 ) -> Plan:
-    """The chunking for one call; ``chunk_size`` (patches per chunk) overrides the choice."""
+    """Plan one call: the largest chunk whose estimated peak fits the budget.
+
+    Args:
+        geom: the call's geometry.
+        generator: the generator (measured once per configuration, see :func:`measure_chunk_cost`).
+        dtype, out_dtype, device: of the input and of the output (autocast may differ).
+        budget: anything :func:`chunkconv.budget.parse_budget` takes. Default: ``"auto"``.
+        chunk_size: patches per chunk, overriding the budget (expert use: tests, benchmarks).
+        training: whether backward will run; forward and backward then share one chunk size.
+        input_grad: whether the input needs a gradient.
+        estimate: with ``chunk_size`` given, still measure the generator to fill in the
+            estimates (the functional path skips this; :func:`chunkconv.plan` does not).
+
+    Raises:
+        BudgetTooSmallError: not even one patch per chunk fits; the message names the smallest
+            budget that does.
+
+    """
+    device = torch.device(device)
+    out_dtype = out_dtype or dtype
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1, got {chunk_size=}.")
+    budget_spec = repr(budget)
+    cache = _cache_for(generator)
+    key = (
+        geom.in_channels,
+        geom.out_channels,
+        geom.kernel_size,
+        geom.stride,
+        geom.dilation,
+        geom.groups,
+        dtype,
+        out_dtype,
+        device,
+        training,
+        input_grad,
+        torch.is_autocast_enabled(device.type),
+        _generator_state(generator),
+    )
+    plan_key = ("plan", key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
+    if plan_key in cache:
+        return cache[plan_key]
+
+    base = Plan(geom, chunk_size or 1, training, dtype, device, budget_spec=budget_spec)
+    if chunk_size is not None and not estimate:
+        return _remember(cache, plan_key, replace(base, reason="chunk_size given"))
+    if geom.num_patches == 0:
+        return _remember(cache, plan_key, replace(base, reason="empty input"))
+
+    cost = cache.get(("cost", key))
+    if cost is None:
+        cost = _remember(
+            cache,
+            ("cost", key),
+            measure_chunk_cost(
+                generator,
+                geom,
+                dtype=dtype,
+                out_dtype=out_dtype,
+                device=device,
+                training=training,
+                input_grad=input_grad,
+            ),
+        )
+    module = generator if isinstance(generator, nn.Module) else None
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad)
+    f_fwd, f_bwd = sum(fixed_fwd.values()), sum(fixed_bwd.values())
+
+    def peaks(b: int) -> tuple[int, int | None]:
+        forward = f_fwd + cost.forward.at(b)
+        backward = f_bwd + cost.backward.at(b) if training and cost.backward else None
+        return forward, backward
+
+    margin = safety_bytes(device)
+
+    def required(b: int) -> int:
+        return math.ceil(SAFETY_FACTOR * max(p for p in peaks(b) if p is not None)) + margin
+
+    total = geom.num_patches
+    minimum = required(1)
+    unchunked_fwd = f_fwd + cost.forward.at(total)
+    unchunked_train = f_fwd + cost.backward.at(total) if training and cost.backward else None
+    details = dict(
+        cost=cost,
+        fixed_forward=fixed_fwd,
+        fixed_backward=fixed_bwd,
+        minimum_budget=minimum,
+        unchunked_forward=unchunked_fwd,
+        unchunked_training=unchunked_train,
+    )
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1, got {chunk_size=}.")
-        return Plan(geom, chunk_size, "chunk_size given")
-    per_patch = geom.weight_numel * dtype.itemsize
-    size = max(1, min(geom.num_patches, _DEFAULT_CHUNK_WEIGHT_BYTES // per_patch))
-    return Plan(geom, size, "default chunk size")
+        fwd, bwd = peaks(min(chunk_size, total))
+        return _remember(
+            cache, plan_key, replace(base, forward_peak=fwd, backward_peak=bwd, reason="chunk_size given", **details)
+        )
+
+    nbytes = parse_budget(budget, device)
+    if nbytes < minimum:
+        fixed = fixed_bwd if training and f_bwd + cost.backward.at(1) > f_fwd + cost.forward.at(1) else fixed_fwd
+        raise BudgetTooSmallError(
+            f"The budget {format_bytes(nbytes)} (budget={budget_spec}) is too small for this call even with "
+            f"one patch per chunk: the smallest budget that fits is {format_bytes(minimum)} ({minimum} bytes), "
+            f"of which fixed: {', '.join(f'{n} {format_bytes(v)}' for n, v in fixed.items() if v) or 'none'}. "
+            "Raise the budget, or split the input; inspect the costs with `conv.plan(x)`.",
+            budget=nbytes,
+            minimum=minimum,
+        )
+    lo, hi = 1, total  # largest b with required(b) <= nbytes; required is non-decreasing in b
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if required(mid) <= nbytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    chunks = math.ceil(total / lo)
+    size = math.ceil(total / chunks)  # same number of chunks, evenly sized: a lower peak
+    fwd, bwd = peaks(size)
+    reason = "all patches fit in one chunk" if chunks == 1 else "largest chunks that fit the budget, evened out"
+    plan = replace(
+        base, chunk_size=size, budget=nbytes, forward_peak=fwd, backward_peak=bwd, reason=reason, **details
+    )
+    return _remember(cache, plan_key, plan)

@@ -63,6 +63,7 @@ def dynamic_conv_reference(
 
     The other arguments and the shapes are those of :func:`chunkconv.dynamic_conv`;
     ``in_channels`` is read off the input.
+
     """
     if ndim is None:
         ndim = len(kernel_size) if isinstance(kernel_size, Sequence) else 2

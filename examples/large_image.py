@@ -2,10 +2,11 @@
 
 The forum recipe (chunkconv.dynamic_conv_reference(method="forum")) materialises
 a weight for every patch at once. Here it runs in a child process whose address
-space is capped, and fails cleanly; chunkconv runs the same layer, forward and
+space is capped (at --recipe-limit-gb above what the child has mapped once torch
+is imported), and fails cleanly; chunkconv runs the same layer, forward and
 backward, streaming the patches in chunks, and prints its peak memory.
 
-    python examples/large_image.py            # 1 x 16 x 1024 x 1024, ~20 s on 2 CPU cores
+    python examples/large_image.py            # 1 x 16 x 1024 x 1024, ~1-2 min on 2 busy CPU cores
     python examples/large_image.py --size 256 # quicker
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import re
 import resource
 import time
 
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 import chunkconv
+from chunkconv.budget import format_bytes
+from chunkconv.memory import MemoryTracker
 
 
 def make_layer(channels: int, hidden: int) -> tuple[nn.Module, chunkconv.DynamicConv]:
@@ -38,8 +42,11 @@ def built_in_image(size: int, channels: int) -> torch.Tensor:
     return (base + 0.1 * torch.randn(base.shape, generator=g)).unsqueeze(0)
 
 
-def _forum_recipe(size: int, channels: int, hidden: int, limit: int, queue) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _forum_recipe(size: int, channels: int, hidden: int, extra: int, queue) -> None:
+    # The cap counts address space, not resident memory: what torch itself maps differs between
+    # builds and platforms, so cap the recipe at `extra` bytes above what this process maps now.
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + extra, hard))
     try:
         torch.manual_seed(0)
         generator, layer = make_layer(channels, hidden)
@@ -48,24 +55,33 @@ def _forum_recipe(size: int, channels: int, hidden: int, limit: int, queue) -> N
             x, generator, out_channels=channels, kernel_size=3, padding=1, bias=layer.bias, method="forum"
         )
         y.square().mean().backward()
-        queue.put("finished")
+        outcome = "finished"
     except (RuntimeError, MemoryError) as error:
-        queue.put(f"out of memory ({str(error).splitlines()[0][:90]})")
+        wanted = re.search(r"tried to allocate (\d+) bytes", str(error))
+        detail = f"could not allocate {int(wanted[1]) / 2**30:.2f} GiB more" if wanted else str(error)[:90]
+        outcome = f"out of memory: {detail}"
+    finally:
+        # Lift the cap before reporting: sending on the queue starts a thread, which needs address space.
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    queue.put(outcome)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--recipe-limit-gb", type=float, default=6.0, help="address-space cap for the recipe")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--recipe-limit-gb", type=float, default=6.0, help="address space the recipe may map beyond torch's own"
+    )
+    args = parser.parse_args(argv)
 
     size, channels = args.size, args.channels
     patches = size * size
     weights = patches * channels * channels * 9 * 4
-    print(f"Image 1 x {channels} x {size} x {size}: {patches:,} patches, each with its own {channels}x{channels}x3x3 kernel")
-    print(f"The forum recipe materialises every weight ({weights / 2**30:.1f} GiB) and a product as large, "
+    print(f"Image 1 x {channels} x {size} x {size}: {patches:,} patches, "
+          f"each with its own {channels}x{channels}x3x3 kernel")
+    print(f"The forum recipe materialises every weight ({format_bytes(weights)}) and a product as large, "
           "and autograd keeps both.")
 
     queue = mp.get_context("spawn").Queue()
@@ -76,21 +92,22 @@ def main() -> None:
     child.start()
     child.join()
     outcome = queue.get() if not queue.empty() else f"killed (exit code {child.exitcode})"
-    print(f"forum recipe, capped at {args.recipe_limit_gb:g} GB of address space: {outcome} "
+    print(f"forum recipe, capped at {args.recipe_limit_gb:g} GiB of extra address space: {outcome} "
           f"after {time.perf_counter() - start:.1f} s")
 
     torch.manual_seed(0)
     _, layer = make_layer(channels, args.hidden)
     x = built_in_image(size, channels).requires_grad_()
-    process = psutil.Process()
-    rss_before = process.memory_info().rss
+    rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    y = layer(x)
-    y.square().mean().backward()
+    with MemoryTracker("cpu") as tracker:  # every allocation torch makes inside the block
+        y = layer(x)
+        y.square().mean().backward()
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    print(f"chunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}, "
-          f"peak resident memory above start ~{max(peak, 0) / 2**30:.2f} GiB")
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    print(f"chunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}; "
+          f"peak allocated {format_bytes(tracker.peak)} (input {format_bytes(x.numel() * x.element_size())}), "
+          f"peak resident memory above start ~{format_bytes(max(rss_peak, 0))}")
     print(f"input gradient norm {x.grad.norm():.4f}; generator gradient norm "
           f"{sum(p.grad.norm() ** 2 for p in layer.generator.parameters()) ** 0.5:.4f}")
 

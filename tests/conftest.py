@@ -4,6 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# The suite runs tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waiting
+# when the machine is busy (tests that are about threads set their own count).
+torch.set_num_threads(1)
+
 settings.register_profile(
     "default",
     deadline=None,

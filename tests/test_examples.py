@@ -1,0 +1,109 @@
+"""Smoke tests for ``examples/``: each example runs at tiny sizes and does what it says it does.
+
+The examples are imported from their files and their ``main(argv)`` is called, except for the
+large-image demo, which is also run as a script because it starts a child process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"chunkconv_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    """Run ``examples/<name>.py`` with this checkout's chunkconv first on the path; return its stdout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+    )
+    assert result.returncode == 0, f"{name}.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_every_example_has_a_smoke_test():
+    tested = {"large_image", "denoiser", "familiar_layers", "training_budget"}
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
+
+
+class _ListQueue(list):
+    put = list.append
+
+
+def test_large_image_recipe_fails_cleanly_only_when_capped():
+    example = load_example("large_image")
+    outcomes = _ListQueue()
+    # 8 channels, 128x128: the recipe's weights take 128*128 * 8*8*9 * 4 bytes = 36 MiB, above
+    # glibc's largest mmap threshold (32 MiB), so they are mapped afresh, not served from the heap.
+    example._forum_recipe(128, 8, 8, 2**30, outcomes)  # 1 GiB of headroom: plenty
+    example._forum_recipe(128, 8, 8, 2**20, outcomes)  # 1 MiB of headroom: too little
+    assert outcomes[0] == "finished"
+    assert outcomes[1].startswith("out of memory"), outcomes[1]
+
+
+def test_large_image_script():
+    out = run_script("large_image", "--size", "64", "--recipe-limit-gb", "0.02")
+    assert "forum recipe, capped at 0.02 GiB of extra address space: out of memory" in out, out
+    assert "chunkconv.DynamicConv forward+backward" in out and "output (1, 16, 64, 64)" in out, out
+
+
+def test_denoiser_learns_and_writes_pngs(tmp_path, capsys):
+    results = load_example("denoiser").main(["--quick", "--out", str(tmp_path)])
+    assert results["loss_last"] < results["loss_first"]
+    assert results["psnr_denoised"] > results["psnr_noisy"] + 1.0, results
+    for name in ("denoiser_comparison.png", "denoiser_kernels.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kernel-prediction denoiser" in capsys.readouterr().out
+
+
+def test_denoiser_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    load_example("denoiser").main(["--quick", "--steps", "2", "--out", str(tmp_path)])
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_denoiser_generator_returns_softmax_kernels():
+    import torch
+
+    example = load_example("denoiser")
+    gen = example.KernelPredictor(5, hidden=8)
+    torch.nn.init.normal_(gen.mlp[-1].weight)  # not the uniform initial kernel
+    weights = gen(torch.rand(10, 3 * 25))
+    assert weights.shape == (10, 3, 1, 5, 5)
+    assert torch.allclose(weights.sum((-1, -2)), torch.ones(10, 3, 1), atol=1e-6)
+    assert (weights >= 0).all() and torch.equal(weights[:, 0], weights[:, 2])
+
+
+def test_familiar_layers_match_their_direct_implementations(capsys):
+    results = load_example("familiar_layers").main(["--quick"])
+    assert set(results) == {"involution", "pixel-adaptive conv"}
+    for name, diffs in results.items():
+        assert diffs["output scale"] > 1 and diffs["grad scale"] > 1, (name, diffs)
+        for what in ("output", "input grad", "param grads"):
+            assert math.isfinite(diffs[what]) and diffs[what] < 1e-10, (name, what, diffs)
+    assert "refuses it" in capsys.readouterr().out  # BatchNorm in training mode is refused
+
+
+def test_training_budget(capsys):
+    results = load_example("training_budget").main(["--quick"])
+    assert results["loss_last"] < results["loss_first"]
+    assert results["chunking_difference"] < 1e-5
+    out = capsys.readouterr().out
+    assert out.count("Plan") == 2 and "7 chunks" in out, out
