@@ -1,16 +1,21 @@
 """Run CPU measurements in a child process whose address space is capped, so none can exhaust the machine.
 
 :class:`IsolatedWorker` starts one ``spawn``-ed child, warms torch up there (thread pools, lazy
-initialisation). Cases are sent to it one at a time; before each, the child caps its own
-address space (the soft ``resource.RLIMIT_AS``) at its current size plus ``limit_bytes``. An
-allocation beyond the cap fails inside the child with torch's "not enough memory" error, which
-:func:`~benchmarks.measure.run_case` reports as ``status="oom"``; the child lives on. A child
-that dies (a signal, the kernel's OOM killer) or exceeds the per-case timeout is reported as
-``"crashed"``/``"timeout"`` and replaced by a fresh one for the next case. The parent never allocates any of it.
+initialisation) and caps its address space (the soft ``resource.RLIMIT_AS``) at its size after
+warming up plus ``limit_bytes``: a fixed ceiling, so memory a case fails to give back only shrinks
+the headroom of later cases, never raises it. Cases are sent to it one at a time. An allocation
+beyond the cap fails inside the child with torch's "not enough memory" error (or
+``std::bad_alloc``), which :func:`~benchmarks.measure.run_case` reports as ``status="oom"``.
+After each case the child returns freed heap to the OS (``malloc_trim``); after a case that did
+not finish, or one that left more than :data:`RETAINED_LIMIT` bytes mapped, the child is
+replaced by a fresh one (native code unwinding from a failed allocation may leak). A child that
+dies (a signal, the kernel's OOM killer) or exceeds the per-case timeout is reported as
+``"crashed"``/``"timeout"`` and replaced too. The parent never allocates any of it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing as mp
 import os
@@ -20,7 +25,10 @@ from multiprocessing.connection import Connection
 
 from .measure import Case, run_case
 
-__all__ = ["IsolatedWorker", "address_space_bytes"]
+__all__ = ["RETAINED_LIMIT", "IsolatedWorker", "address_space_bytes"]
+
+# A child still mapping this much more than after its warm-up is replaced before the next case.
+RETAINED_LIMIT = 256 * 2**20
 
 
 def address_space_bytes() -> int:
@@ -51,6 +59,11 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
         torch.set_num_threads(threads)
     _warm_up()
     gc.freeze()  # torch's import-time objects: later collections need not scan them
+    baseline = address_space_bytes()
+    if limit_bytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = baseline + limit_bytes if hard == resource.RLIM_INFINITY else min(baseline + limit_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     conn.send("ready")
     while True:
         try:
@@ -59,14 +72,19 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
             return
         if case is None:
             return
-        start = address_space_bytes()
-        if limit_bytes is not None:  # the soft limit, renewed per case: every case gets the same headroom
-            _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            cap = start + limit_bytes if hard == resource.RLIM_INFINITY else min(start + limit_bytes, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
         result = run_case(case)
-        result["address_space_start_bytes"] = start
+        gc.collect()
+        _malloc_trim()
+        result["retained_bytes"] = address_space_bytes() - baseline
         conn.send(result)
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class IsolatedWorker:
@@ -125,7 +143,10 @@ class IsolatedWorker:
         try:
             self._conn.send(case)
             if self._conn.poll(self.timeout):
-                return self._conn.recv()
+                result = self._conn.recv()
+                if result["status"] != "ok" or result.get("retained_bytes", 0) > RETAINED_LIMIT:
+                    self.close()  # a fresh child for the next case, with the full headroom
+                return result
             outcome = ("timeout", f"no result after {self.timeout:g} s; the child process was killed")
         except (EOFError, ConnectionError, OSError):
             self._process.join(5)

@@ -135,9 +135,7 @@ def _measure(case: Case, device: torch.device, dtype: torch.dtype, result: dict)
     fn, info = case.method.build(wl, generator, bias)
     if isinstance(fn, nn.Module):
         fn.to(device)
-    plan = case.method.plan_info(fn, x)
-    if plan is not None:
-        info["plan"] = plan
+    info.update(case.method.plan_info(fn, x, train))  # also warms the planner's per-generator cache
     result["info"] = info
     leaves = [x, *generator.parameters(), bias, *(fn.parameters() if isinstance(fn, nn.Module) else ())]
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import chunkconv
-from chunkconv.budget import parse_budget
+from chunkconv.budget import format_bytes, parse_budget
 
 from .workloads import Workload
 
@@ -110,14 +110,21 @@ class Method:
             return (lambda x: checkpoint(unchunked, x, use_reentrant=False)), {}
         return unchunked, {}
 
-    def plan_info(self, conv: object, x: Tensor) -> str | None:
-        """chunkconv's plan for ``x``, printable, when the installed chunkconv can say."""
+    def plan_info(self, conv: object, x: Tensor, training: bool) -> dict:
+        """chunkconv's plan for ``x`` (``plan``: printed; ``plan_summary``: one line), when it can say."""
         if self.kind != "chunkconv" or not hasattr(conv, "plan"):
-            return None
+            return {}
         try:
-            return str(conv.plan(x))
+            plan = conv.plan(x, training=training)
         except Exception as error:  # a report detail: never fail a measurement over it
-            return f"(plan unavailable: {type(error).__name__}: {error})"
+            return {"plan_summary": f"(plan unavailable: {type(error).__name__}: {error})"}
+        summary = f"{plan.num_chunks:,} chunks of {plan.chunk_size:,}"
+        peaks = [(n, v) for n, v in (("fwd", plan.forward_peak), ("bwd", plan.backward_peak)) if v is not None]
+        if peaks:
+            summary += "; planned peak " + ", ".join(f"{n} {format_bytes(v)}" for n, v in peaks)
+        if plan.budget is not None:
+            summary += f" (budget {format_bytes(plan.budget)})"
+        return {"plan": str(plan), "plan_summary": summary}
 
     def estimate(self, wl: Workload, mode: str, itemsize: int) -> int:
         """Bytes above the start that one call needs, from shapes (a deliberate over-estimate).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
-from chunkconv.budget import format_bytes
+from chunkconv.budget import format_bytes, parse_budget
 
 __all__ = ["best_unchunked", "fmt_time", "render_page", "render_run", "summary_rows"]
 
@@ -88,11 +88,15 @@ def _outcome(record: dict) -> str:
 
 
 def _headline_chunkconv(records: list[dict]) -> list[dict]:
-    """chunkconv as a user gets it: budget "auto" (before budgets existed: the default chunking)."""
+    """chunkconv's smallest fixed budget and budget "auto" (before budgets: the default chunking)."""
     chunked = [r for r in records if r["method"]["kind"] == "chunkconv"]
     auto = [r for r in chunked if r["method"]["budget"] == "auto"]
+    fixed = [r for r in chunked if r["method"]["budget"] not in (None, "auto")]
+    if fixed:
+        smallest = min(parse_budget(r["method"]["budget"]) for r in fixed)
+        fixed = [r for r in fixed if parse_budget(r["method"]["budget"]) == smallest]
     default = [r for r in chunked if r["method"]["budget"] is None and r["method"]["chunk_size"] is None]
-    return auto or default or chunked[:1]
+    return (fixed + auto) or default or chunked[:1]
 
 
 def summary_rows(doc: dict) -> list[dict]:
@@ -180,7 +184,7 @@ def _detail_table(records: list[dict]) -> list[str]:
         t, m = _ratios(r, best)
         if r["status"] == "ok":
             runs = f"{len(r['times_s'])}" + ("" if r.get("warm") else " (cold)")
-            note = r.get("info", {}).get("plan", "") or ""
+            note = r.get("info", {}).get("plan_summary", "") or ""
             lines.append(
                 f"| {r['method']['label']} | {fmt_time(r['median_s'])} | {t} | {_fmt_bytes(r['peak_bytes'])} | {m} "
                 f"| {runs} | {note} |"
@@ -237,7 +241,8 @@ def render_run(doc: dict, image: str | None = None, *, level: int = 2) -> str:
     out += [
         "Ratios below 1 mean chunkconv is faster / smaller. chunkconv here is "
         + (
-            '`budget="auto"`.'
+            'its smallest budget and `budget="auto"` (on the CPU "auto" is half the available RAM, so '
+            "where everything fits it runs as one chunk, like the einsum recipe)."
             if doc["machine"].get("chunkconv_budget")
             else "the planner's default chunking (this chunkconv had no `budget=` yet)."
         )

@@ -31,7 +31,8 @@ def test_every_method_computes_the_layer():
         x, generator, out_channels=wl.out_channels, kernel_size=wl.kernel, padding=wl.padding, bias=bias
     )
     (gx,) = torch.autograd.grad(expected.square().sum(), x)
-    methods = [m for m in default_methods("cpu") if m.kind != "static"] + [Method("chunkconv", chunk_size=5)]
+    methods = [m for m in default_methods("cpu") if m.kind != "static"]
+    methods += [Method("chunkconv", chunk_size=5), Method("chunkconv", budget="2MB")]
     for method in methods:
         fn, _ = method.build(wl, generator, bias)
         y = fn(x)
@@ -93,10 +94,11 @@ def test_out_of_memory_in_the_capped_child_is_a_result():
         failed = worker.run(Case(wl, Method("forum"), "fwd", "float32", "cpu", repeats=1))
         assert failed["status"] == "oom", failed
         assert "memory" in failed["message"]
-        # the same child lives on, and chunkconv fits in its cap
-        ok = worker.run(Case(wl, Method("chunkconv", chunk_size=1024), "fwd", "float32", "cpu", repeats=1))
+        # the child that failed is replaced by a fresh one, and chunkconv fits in its cap
+        ok = worker.run(Case(wl, Method("chunkconv", budget="16MB"), "fwd", "float32", "cpu", repeats=1))
         assert ok["status"] == "ok", ok
         assert ok["peak_bytes"] < 64 * 2**20
+        assert ok["retained_bytes"] < 64 * 2**20
 
 
 def test_a_case_over_the_limit_is_skipped_with_its_estimate(tmp_path):
