@@ -118,7 +118,7 @@ class Method:
             plan = conv.plan(x, training=training)
         except Exception as error:  # a report detail: never fail a measurement over it
             return {"plan_summary": f"(plan unavailable: {type(error).__name__}: {error})"}
-        summary = f"{plan.num_chunks:,} chunks of {plan.chunk_size:,}"
+        summary = f"{plan.num_chunks:,} chunk{'s' if plan.num_chunks != 1 else ''} of {plan.chunk_size:,}"
         peaks = [(n, v) for n, v in (("fwd", plan.forward_peak), ("bwd", plan.backward_peak)) if v is not None]
         if peaks:
             summary += "; planned peak " + ", ".join(f"{n} {format_bytes(v)}" for n, v in peaks)

@@ -160,7 +160,7 @@ def _summary_table(doc: dict) -> list[str]:
     for row in summary_rows(doc):
         r, best = row["record"], row["best"]
         ok = r["status"] == "ok"
-        bt = f"{fmt_time(best['time'])} ({best['time_by']})" if best["time"] else "all out of memory"
+        bt = f"{fmt_time(best['time'])} ({best['time_by']})" if best["time"] else "none ran"
         bp = (
             f"{_fmt_bytes(best['peak'])} ({best['peak_by']})"
             if best["peak"]
