@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .execute import Generator, backward_chunks, bind_parameters, forward_chunks
+from .execute import ChunkStep, backward_chunks, forward_chunks
 from .geometry import ConvGeometry
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
@@ -25,8 +25,7 @@ __all__ = ["DynamicConvFunction", "ForwardContext"]
 class ForwardContext:
     """Everything non-tensor the Function needs to run and to replay a call."""
 
-    generator: Generator
-    param_names: tuple[str, ...]  # the generator's parameters, in the order passed to apply()
+    step: ChunkStep  # the path's chunk arithmetic (generic or fast)
     geom: ConvGeometry
     chunk_size: int
     out_dtype: torch.dtype
@@ -86,7 +85,7 @@ class DynamicConvFunction(torch.autograd.Function):
         ctx.replay = _ReplayState(input.device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(input, *params)
-        y, ctx.ranges = forward_chunks(input, run.generator, run.geom, run.chunk_size, run.out_dtype)
+        y, ctx.ranges = forward_chunks(input, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype)
         ctx.uses_rng = ctx.replay.rng_advanced()
         if bias is not None:
             y += _broadcast_bias(bias, run.geom).to(y.dtype)
@@ -102,7 +101,6 @@ class DynamicConvFunction(torch.autograd.Function):
         # per-chunk autograd.grad calls must not fire the user's (or DDP's) hooks on the
         # real parameters with partial gradients; autograd delivers the sum once.
         stand_ins = [p.detach().requires_grad_(need) for p, need in zip(params, param_needs)]
-        generator = bind_parameters(run.generator, dict(zip(run.param_names, stand_ins)))
         grad_bias = None
         if bias_grad:
             spatial = tuple(range(2, grad_y.dim()))
@@ -112,8 +110,7 @@ class DynamicConvFunction(torch.autograd.Function):
             with torch.enable_grad():
                 return backward_chunks(
                     input,
-                    generator,
-                    stand_ins,
+                    run.step.bind(stand_ins),
                     run.geom,
                     ctx.ranges,
                     grad_y,

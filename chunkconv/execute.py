@@ -14,6 +14,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,10 @@ from .errors import GeneratorOutputError
 from .geometry import ConvGeometry
 
 __all__ = [
+    "BoundStep",
     "ChunkIndex",
+    "ChunkStep",
+    "GeneratorStep",
     "backward_chunks",
     "bind_parameters",
     "chunk_ranges",
@@ -129,6 +133,64 @@ def bind_parameters(generator: Generator, tensors: dict[str, Tensor]) -> Generat
     return lambda patches: torch.func.functional_call(generator, tensors, (patches,))  # type: ignore[arg-type]
 
 
+class BoundStep(Protocol):
+    """One chunk's arithmetic, bound to the parameter tensors of one call.
+
+    ``step(patches)`` maps patch rows ``(B, P)`` to output rows ``(B, O)``; ``leaves`` are the
+    tensors backward differentiates each chunk with respect to (besides the patches), and
+    ``param_grads`` turns their summed gradients into gradients of the parameters, in order.
+    """
+
+    leaves: Sequence[Tensor]
+
+    def __call__(self, patches: Tensor) -> Tensor: ...
+
+    def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]: ...
+
+
+class ChunkStep(Protocol):
+    """A path's chunk arithmetic; ``bind`` fixes the parameters of one call (see :class:`BoundStep`).
+
+    ``bind(None)`` uses the generator's own parameters (forward); backward and the planner's
+    probe pass detached stand-ins, in ``named_parameters()`` order, and optionally buffers.
+    """
+
+    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
+
+
+@dataclass(frozen=True)
+class GeneratorStep:
+    """The generic path: the generator makes every patch's weight, then each is applied to its patch."""
+
+    generator: Generator
+    param_names: tuple[str, ...]
+    geom: ConvGeometry
+
+    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> _BoundGenerator:
+        if params is None:
+            return _BoundGenerator(self.generator, (), self.geom)
+        tensors = {**dict(zip(self.param_names, params)), **(buffers or {})}
+        return _BoundGenerator(bind_parameters(self.generator, tensors), tuple(params), self.geom)
+
+
+@dataclass(frozen=True)
+class _BoundGenerator:
+    generator: Generator
+    params: tuple[Tensor, ...]
+    geom: ConvGeometry
+
+    @property
+    def leaves(self) -> list[Tensor]:
+        return [p for p in self.params if p.requires_grad]
+
+    def __call__(self, patches: Tensor) -> Tensor:
+        return contract(run_generator(self.generator, patches, self.geom), patches, self.geom)
+
+    def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        grads = iter(leaf_grads)
+        return [next(grads) if p.requires_grad else None for p in self.params]
+
+
 def run_generator(generator: Generator, patches: Tensor, geom: ConvGeometry) -> Tensor:
     """Call the generator and return its weights as ``(B, out_channels, (C // groups) * K)``.
 
@@ -187,7 +249,7 @@ _oom_warned = False
 
 def forward_chunks(
     x: Tensor,
-    generator: Generator,
+    step: BoundStep,
     geom: ConvGeometry,
     chunk_size: int,
     out_dtype: torch.dtype,
@@ -208,8 +270,7 @@ def forward_chunks(
         try:
             chunk = ChunkIndex.build(start, end, geom, x.device)
             patches = gather_patches(x_pad, chunk, geom)
-            out = contract(run_generator(generator, patches, geom), patches, geom)
-            rows[chunk.image, chunk.flat] = out.to(out_dtype)
+            rows[chunk.image, chunk.flat] = step(patches).to(out_dtype)
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
@@ -223,8 +284,7 @@ def forward_chunks(
 
 def backward_chunks(
     x: Tensor,
-    generator: Generator,
-    params: Sequence[Tensor],
+    step: BoundStep,
     geom: ConvGeometry,
     ranges: Sequence[tuple[int, int]],
     grad_y: Tensor,
@@ -232,7 +292,7 @@ def backward_chunks(
     input_grad: bool,
     splittable: bool = True,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
-    """Recompute every chunk and return the gradients of ``x`` and of ``params``.
+    """Recompute every chunk and return the gradients of ``x`` and of the step's parameters.
 
     Must run with grad mode enabled and with the RNG and autocast state of the forward
     restored by the caller, replaying the forward's chunk ``ranges`` so that each chunk is
@@ -241,9 +301,9 @@ def backward_chunks(
     A chunk that runs out of device memory is split in two and retried when ``splittable``
     (the generator draws no random numbers, so smaller chunks recompute the same values).
     """
-    wanted = [p for p in params if p.requires_grad]
+    wanted = list(step.leaves)
     if not (input_grad or wanted):
-        return None, [None] * len(params)
+        return None, step.param_grads([None] * len(wanted))
     x_leaf = x.detach().requires_grad_(input_grad)
     x_pad = pad_input(x_leaf, geom)
     source = x_pad.detach()
@@ -256,7 +316,7 @@ def backward_chunks(
         try:
             chunk = ChunkIndex.build(start, end, geom, x.device)
             patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
-            out = contract(run_generator(generator, patches, geom), patches, geom)
+            out = step(patches)
             targets = ([patches] if input_grad else []) + wanted
             upstream = grad_rows[chunk.image, chunk.flat].to(out.dtype)
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
@@ -269,7 +329,8 @@ def backward_chunks(
             continue
         if input_grad:
             assert grad_pad is not None
-            scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)
+            if grads[0] is not None:
+                scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)
             grads = grads[1:]
         for i, g in enumerate(grads):
             if g is not None:
@@ -279,6 +340,4 @@ def backward_chunks(
     if input_grad:
         assert grad_pad is not None
         grad_x = grad_pad if x_pad is x_leaf else torch.autograd.grad(x_pad, x_leaf, grad_pad)[0]
-    by_param = iter(param_grads)
-    all_grads = [next(by_param) if p.requires_grad else None for p in params]
-    return grad_x, all_grads
+    return grad_x, step.param_grads(param_grads)

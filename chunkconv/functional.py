@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from .autograd import DynamicConvFunction, ForwardContext
 from .errors import BatchCoupledGeneratorError
-from .execute import forward_chunks
+from .execute import ChunkStep, GeneratorStep, forward_chunks
+from .fast_execute import LinearTailStep
+from .fastpath import choose_path
 from .geometry import ConvGeometry, ConvSpec, conv_spec
 from .planner import Plan, make_plan
 
@@ -142,6 +144,7 @@ class _Call:
     unbatched: bool
     params: dict[str, Tensor]
     out_dtype: torch.dtype
+    step: ChunkStep
     plan: Plan
 
 
@@ -156,6 +159,7 @@ def _check_call(
     budget: Budget,
     chunk_size: int | None,
     allow_batch_coupled: bool,
+    path: str,
     training: bool | None,
     input_grad: bool,
     estimate: bool,
@@ -173,9 +177,17 @@ def _check_call(
             input_grad or any(t.requires_grad for t in (*params.values(), *([bias] if bias is not None else [])))
         )
     out_dtype = _result_dtype(device, dtype)
+    choice = choose_path(generator, geom, out_dtype, path, device=device)
+    step: ChunkStep
+    if choice.path == "fast":
+        step = LinearTailStep(generator, tuple(params), choice, geom)  # type: ignore[arg-type]
+    else:
+        step = GeneratorStep(generator, tuple(params), geom)
     plan = make_plan(
         geom,
         generator=generator,
+        step=step,
+        path=choice,
         dtype=dtype,
         out_dtype=out_dtype,
         device=device,
@@ -185,7 +197,7 @@ def _check_call(
         input_grad=input_grad and training,
         estimate=estimate,
     )
-    return _Call(geom, unbatched, params, out_dtype, plan)
+    return _Call(geom, unbatched, params, out_dtype, step, plan)
 
 
 def apply_spec(
@@ -197,6 +209,7 @@ def apply_spec(
     budget: Budget = "auto",
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
+    path: str = "auto",
     op: str = "dynamic_conv",
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
@@ -212,6 +225,7 @@ def apply_spec(
         budget=budget,
         chunk_size=chunk_size,
         allow_batch_coupled=allow_batch_coupled,
+        path=path,
         training=None,
         input_grad=input.requires_grad,
         estimate=False,
@@ -220,10 +234,10 @@ def apply_spec(
     x = input.unsqueeze(0) if call.unbatched else input
     geom, chunk = call.geom, call.plan.chunk_size
     if call.plan.training:
-        run = ForwardContext(generator, tuple(call.params), geom, chunk, call.out_dtype)
+        run = ForwardContext(call.step, geom, chunk, call.out_dtype)
         y = DynamicConvFunction.apply(x, bias, run, *call.params.values())
     else:
-        y, _ = forward_chunks(x, generator, geom, chunk, call.out_dtype)
+        y, _ = forward_chunks(x, call.step.bind(None), geom, chunk, call.out_dtype)
         if bias is not None:
             y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
     return y.squeeze(0) if call.unbatched else y
@@ -238,6 +252,7 @@ def plan_spec(
     budget: Budget = "auto",
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
+    path: str = "auto",
     training: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -262,6 +277,7 @@ def plan_spec(
         budget=budget,
         chunk_size=chunk_size,
         allow_batch_coupled=allow_batch_coupled,
+        path=path,
         training=training,
         input_grad=input_grad,
         estimate=True,
@@ -319,6 +335,9 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
         chunk_size: patches per chunk, overriding the budget. Default: ``None``.
         allow_batch_coupled: accept generators whose rows interact (chunk-dependent results).
             Default: ``False``.
+        path: ``"auto"`` (the fast path where the generator ends in ``nn.Linear``, see
+            ``docs/fast-path.md``), ``"fast"`` (raise if it does not qualify) or ``"generic"``.
+            Default: ``"auto"``.
 
     Returns:
         ``(N, out_channels, *out)`` (unbatched in, unbatched out), with torch's output size
@@ -348,6 +367,7 @@ def _functional(ndim: int | None, op: str):
         budget: Budget = "auto",
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
+        path: str = "auto",
     ) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
@@ -362,6 +382,7 @@ def _functional(ndim: int | None, op: str):
             budget=budget,
             chunk_size=chunk_size,
             allow_batch_coupled=allow_batch_coupled,
+            path=path,
             op=op,
         )
 
@@ -397,6 +418,7 @@ def plan(
     budget: Budget = "auto",
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
+    path: str = "auto",
     training: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -435,6 +457,7 @@ def plan(
         budget=budget,
         chunk_size=chunk_size,
         allow_batch_coupled=allow_batch_coupled,
+        path=path,
         training=training,
         dtype=dtype,
         device=device,

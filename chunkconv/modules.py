@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import parse_budget
+from .fastpath import PATHS
 from .functional import Budget, apply_spec, plan_spec
 from .geometry import conv_spec
 from .planner import Plan
@@ -39,6 +40,11 @@ class DynamicConv(nn.Module):
         allow_batch_coupled: run generators whose rows interact (BatchNorm in
             training mode, attention) although their results then depend on
             the chunking. Default: ``False``.
+        path: ``"auto"`` runs the fast path (per-patch weights never formed; see
+            ``docs/fast-path.md``) where the generator is an ``nn.Linear`` or an
+            ``nn.Sequential`` ending in one, the generic path otherwise; ``"fast"``
+            insists (``ValueError`` if the generator does not qualify); ``"generic"``
+            always forms the weights. Default: ``"auto"``.
 
     Shape:
         Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
@@ -75,6 +81,7 @@ class DynamicConv(nn.Module):
         *,
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
+        path: str = "auto",
     ) -> None:
         super().__init__()
         if not callable(generator):
@@ -100,6 +107,9 @@ class DynamicConv(nn.Module):
         parse_budget(budget, device)  # refuse a bad budget now, not at the first forward
         self.budget = budget
         self.allow_batch_coupled = allow_batch_coupled
+        if path not in PATHS:
+            raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
+        self.path = path
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
@@ -132,6 +142,7 @@ class DynamicConv(nn.Module):
             budget=self.budget,
             chunk_size=self.chunk_size,
             allow_batch_coupled=self.allow_batch_coupled,
+            path=self.path,
             op=type(self).__name__,
         )
 
@@ -166,6 +177,7 @@ class DynamicConv(nn.Module):
             budget=self.budget,
             chunk_size=self.chunk_size,
             allow_batch_coupled=self.allow_batch_coupled,
+            path=self.path,
             training=training,
             dtype=dtype,
             device=device,
@@ -194,6 +206,8 @@ class DynamicConv(nn.Module):
             parts.append(f"chunk_size={self.chunk_size}")
         if self.allow_batch_coupled:
             parts.append("allow_batch_coupled=True")
+        if self.path != "auto":
+            parts.append(f"path={self.path!r}")
         return ", ".join(parts)
 
 

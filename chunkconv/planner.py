@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_flatten
 
 from .budget import format_bytes, parse_budget
 from .errors import BudgetTooSmallError
-from .execute import backward_chunks, bind_parameters, forward_chunks
+from .execute import ChunkStep, GeneratorStep, backward_chunks, forward_chunks
+from .fastpath import PathChoice
 from .geometry import ConvGeometry, conv_geometry
 from .memory import MemoryTracker
 
@@ -94,6 +95,7 @@ class Plan:
 
     Attributes:
         geometry: shapes, padding and output size of the call.
+        path: which path runs (fast or generic) and why.
         chunk_size: patches per chunk (the last chunk may be smaller).
         training: whether backward will run (forward and backward use the same chunks, so
             that recomputation replays the forward's random numbers exactly).
@@ -115,6 +117,7 @@ class Plan:
     training: bool
     dtype: torch.dtype
     device: torch.device
+    path: PathChoice | None = None
     budget: int | None = None
     budget_spec: str = ""
     forward_peak: int | None = None
@@ -143,6 +146,8 @@ class Plan:
             f" weight {g.weight_numel:,} entries each",
             f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})",
         ]
+        if self.path is not None:
+            lines.append(f"  path     {self.path}")
         if self.budget is not None:
             lines.append(
                 f"  budget   {b(self.budget)} (budget={self.budget_spec}); kept: "
@@ -170,7 +175,7 @@ class Plan:
             text = f"forward {b(self.unchunked_forward)}"
             if self.unchunked_training is not None:
                 text += f", training {b(self.unchunked_training)}"
-            lines.append(f"  unchunked (all {g.num_patches:,} patches at once) would need ~{text}")
+            lines.append(f"  unchunked recipe (all {g.num_patches:,} weights at once) would need ~{text}")
         if self.minimum_budget is not None:
             lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
         if self.cost is not None:
@@ -230,13 +235,12 @@ def _probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
     )
 
 
-def _stand_ins(generator: Generator) -> dict[str, Tensor]:
+def _stand_ins(generator: Generator) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Detached parameters and cloned buffers, so probing changes nothing the user owns."""
     if not isinstance(generator, nn.Module):
-        return {}
-    tensors = {n: p.detach().requires_grad_(p.requires_grad) for n, p in generator.named_parameters()}
-    tensors.update({n: b.clone() for n, b in generator.named_buffers()})
-    return tensors
+        return [], {}
+    params = [p.detach().requires_grad_(p.requires_grad) for p in generator.parameters()]
+    return params, {n: b.clone() for n, b in generator.named_buffers()}
 
 
 def _fit(points: list[tuple[int, int]]) -> StepCost:
@@ -248,6 +252,7 @@ def _fit(points: list[tuple[int, int]]) -> StepCost:
 
 
 def measure_chunk_cost(
+    step: ChunkStep,
     generator: Generator,
     geom: ConvGeometry,
     *,
@@ -257,15 +262,15 @@ def measure_chunk_cost(
     training: bool,
     input_grad: bool,
 ) -> ChunkCost:
-    """Run one real chunk step on two small probe batches and fit bytes per patch.
+    """Run one real chunk step of ``step`` (the path's arithmetic) on two small probe batches and
+    fit bytes per patch.
 
     The generator runs on random probe patches with detached parameters and cloned buffers,
     under a forked RNG: the user's parameters, buffers, hooks' targets and random stream are
     left as they were. Forward hooks on the generator do see the probe calls.
     """
-    stand_ins = _stand_ins(generator)
-    bound = bind_parameters(generator, stand_ins)
-    params = [t for n, t in stand_ins.items() if isinstance(generator, nn.Module) and t.requires_grad]
+    params, buffers = _stand_ins(generator)
+    bound = step.bind(params, buffers) if params or buffers else step.bind(None)
     forward_points, backward_points = [], []
     method = ""
     cuda = [device] if device.type == "cuda" else []
@@ -286,7 +291,7 @@ def measure_chunk_cost(
                     peak, _ = _measure(
                         device,
                         lambda x=x, probe=probe, rows=rows, grad_y=grad_y: backward_chunks(
-                            x, bound, params, probe, [(0, rows)], grad_y, input_grad=input_grad
+                            x, bound, probe, [(0, rows)], grad_y, input_grad=input_grad
                         ),
                     )
                 buffers = x.numel() * dtype.itemsize if input_grad else 0
@@ -352,6 +357,8 @@ def make_plan(
     geom: ConvGeometry,
     *,
     generator: Generator,
+    step: ChunkStep | None = None,
+    path: PathChoice | None = None,
     dtype: torch.dtype,
     out_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
@@ -366,6 +373,8 @@ def make_plan(
     Args:
         geom: the call's geometry.
         generator: the generator (measured once per configuration, see :func:`measure_chunk_cost`).
+        step: the path's chunk arithmetic, measured by the probe. Default: the generic path's.
+        path: which path runs and why (shown by the plan).
         dtype, out_dtype, device: of the input and of the output (autocast may differ).
         budget: anything :func:`chunkconv.budget.parse_budget` takes. Default: ``"auto"``.
         chunk_size: patches per chunk, overriding the budget (expert use: tests, benchmarks).
@@ -381,6 +390,9 @@ def make_plan(
     """
     device = torch.device(device)
     out_dtype = out_dtype or dtype
+    if step is None:
+        names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
+        step = GeneratorStep(generator, names, geom)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1, got {chunk_size=}.")
     budget_spec = repr(budget)
@@ -399,32 +411,45 @@ def make_plan(
         input_grad,
         torch.is_autocast_enabled(device.type),
         _generator_state(generator),
+        type(step).__name__,
+        None if path is None else (path.path, path.order, path.backend),
     )
     plan_key = ("plan", key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
     if plan_key in cache:
         return cache[plan_key]
 
-    base = Plan(geom, chunk_size or 1, training, dtype, device, budget_spec=budget_spec)
+    base = Plan(geom, chunk_size or 1, training, dtype, device, path=path, budget_spec=budget_spec)
     if chunk_size is not None and not estimate:
         return _remember(cache, plan_key, replace(base, reason="chunk_size given"))
     if geom.num_patches == 0:
         return _remember(cache, plan_key, replace(base, reason="empty input"))
 
-    cost = cache.get(("cost", key))
-    if cost is None:
-        cost = _remember(
-            cache,
-            ("cost", key),
-            measure_chunk_cost(
-                generator,
-                geom,
-                dtype=dtype,
-                out_dtype=out_dtype,
-                device=device,
-                training=training,
-                input_grad=input_grad,
-            ),
-        )
+    def measured(kind: ChunkStep, cost_key: tuple) -> ChunkCost:
+        found = cache.get(cost_key)
+        if found is None:
+            found = _remember(
+                cache,
+                cost_key,
+                measure_chunk_cost(
+                    kind,
+                    generator,
+                    geom,
+                    dtype=dtype,
+                    out_dtype=out_dtype,
+                    device=device,
+                    training=training,
+                    input_grad=input_grad,
+                ),
+            )
+        return found
+
+    cost = measured(step, ("cost", key))
+    # "What the unchunked recipe would need" is the generic step (weights formed) on all patches.
+    if isinstance(step, GeneratorStep):
+        reference_cost = cost
+    else:
+        names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
+        reference_cost = measured(GeneratorStep(generator, names, geom), ("cost", key[:-2], "generic"))
     module = generator if isinstance(generator, nn.Module) else None
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
     fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad)
@@ -442,8 +467,8 @@ def make_plan(
 
     total = geom.num_patches
     minimum = required(1)
-    unchunked_fwd = f_fwd + cost.forward.at(total)
-    unchunked_train = f_fwd + cost.backward.at(total) if training and cost.backward else None
+    unchunked_fwd = f_fwd + reference_cost.forward.at(total)
+    unchunked_train = f_fwd + reference_cost.backward.at(total) if training and reference_cost.backward else None
     details = dict(
         cost=cost,
         fixed_forward=fixed_fwd,

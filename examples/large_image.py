@@ -3,11 +3,19 @@
 The forum recipe (chunkconv.dynamic_conv_reference(method="forum")) materialises
 a weight for every patch at once. Here it runs in a child process whose address
 space is capped (at --recipe-limit-gb above what the child has mapped once torch
-is imported), and fails cleanly; chunkconv runs the same layer, forward and
-backward, streaming the patches in chunks, and prints its peak memory.
+is imported), and fails cleanly. chunkconv runs the same layer, forward and
+backward, with a memory budget (--budget, default 1GB): it first prints the plan
+it makes from the budget (the chunking, the peaks it expects, and what the
+unchunked computation would need), then streams the patches in chunks and prints
+the peak memory it measured, forward and backward, next to the budget.
 
-    python examples/large_image.py            # 1 x 16 x 1024 x 1024, ~1-2 min on 2 busy CPU cores
-    python examples/large_image.py --size 256 # quicker
+    python examples/large_image.py               # 1 x 16 x 1024 x 1024: see below for how long
+    python examples/large_image.py --size 256    # quicker
+    python examples/large_image.py --budget 300MB
+
+The default run takes about 60-70 s of CPU time (about 2 min of wall time on 2 CPU cores shared
+with other jobs, load average ~5); chunkconv's forward and backward are most of it (30 chunks
+under the default budget), the recipe's failure takes seconds. It needs about 1.5 GiB of free RAM.
 """
 
 from __future__ import annotations
@@ -27,10 +35,10 @@ from chunkconv.budget import format_bytes
 from chunkconv.memory import MemoryTracker
 
 
-def make_layer(channels: int, hidden: int) -> tuple[nn.Module, chunkconv.DynamicConv]:
+def make_layer(channels: int, hidden: int, budget: str = "auto") -> tuple[nn.Module, chunkconv.DynamicConv]:
     patch = channels * 3 * 3
     generator = nn.Sequential(nn.Linear(patch, hidden), nn.ReLU(), nn.Linear(hidden, channels * patch))
-    return generator, chunkconv.DynamicConv(generator, channels, channels, kernel_size=3, padding=1)
+    return generator, chunkconv.DynamicConv(generator, channels, channels, kernel_size=3, padding=1, budget=budget)
 
 
 def built_in_image(size: int, channels: int) -> torch.Tensor:
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument(
+        "--budget", default="1GB", help='memory budget of the chunkconv layer: "1GB", "512MiB", bytes or "auto"'
+    )
+    parser.add_argument(
         "--recipe-limit-gb", type=float, default=6.0, help="address space the recipe may map beyond torch's own"
     )
     args = parser.parse_args(argv)
@@ -96,21 +107,30 @@ def main(argv: list[str] | None = None) -> None:
           f"after {time.perf_counter() - start:.1f} s")
 
     torch.manual_seed(0)
-    _, layer = make_layer(channels, args.hidden)
+    _, layer = make_layer(channels, args.hidden, args.budget)
     x = built_in_image(size, channels).requires_grad_()
+    print(f"\nchunkconv.DynamicConv with budget={args.budget!r}:")
+    plan = layer.plan(x)  # measures the generator on two small probe batches; runs nothing of this size
+    print(plan)
+
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    with MemoryTracker("cpu") as tracker:  # every allocation torch makes inside the block
+    with MemoryTracker("cpu") as forward:  # every allocation torch makes inside the block
         y = layer(x)
+    with MemoryTracker("cpu") as backward:
         y.square().mean().backward()
     elapsed = time.perf_counter() - start
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    print(f"chunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}; "
-          f"peak allocated {format_bytes(tracker.peak)} (input {format_bytes(x.numel() * x.element_size())}), "
-          f"peak resident memory above start ~{format_bytes(max(rss_peak, 0))}")
+    within = "within" if max(forward.peak, backward.peak) <= plan.budget else "ABOVE"
+    chunks = f"{plan.num_chunks} chunk{'s' if plan.num_chunks != 1 else ''} of {plan.chunk_size:,} patches"
+    print(f"chunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}, {chunks}")
+    print(f"measured peak allocated: forward {format_bytes(forward.peak)}, backward {format_bytes(backward.peak)}, "
+          f"{within} the budget of {format_bytes(plan.budget)} (input {format_bytes(x.numel() * x.element_size())})")
+    # Resident memory also counts what the budget does not: the output kept for backward, memory
+    # outside PyTorch's allocator, and freed blocks the C allocator has not returned to the system.
+    print(f"process peak resident memory above the start: ~{format_bytes(max(rss_peak, 0))}")
     print(f"input gradient norm {x.grad.norm():.4f}; generator gradient norm "
           f"{sum(p.grad.norm() ** 2 for p in layer.generator.parameters()) ** 0.5:.4f}")
-
 
 if __name__ == "__main__":
     main()

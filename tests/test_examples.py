@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,15 @@ def test_large_image_recipe_fails_cleanly_only_when_capped():
 
 
 def test_large_image_script():
-    out = run_script("large_image", "--size", "64", "--recipe-limit-gb", "0.02")
+    out = run_script("large_image", "--size", "64", "--recipe-limit-gb", "0.02", "--budget", "20MB")
     assert "forum recipe, capped at 0.02 GiB of extra address space: out of memory" in out, out
+    # the plan is printed before chunkconv runs, and says what the unchunked computation would need
+    assert out.index("chunkconv plan: training") < out.index("chunkconv.DynamicConv forward+backward"), out
+    assert "budget   19.07 MiB (budget='20MB')" in out and "unchunked (all 4,096 patches at once) would need" in out
+    chunks = re.search(r"chunks +(\d+) of", out)
+    assert chunks and int(chunks[1]) > 1, out  # 20MB forces several chunks at this size
     assert "chunkconv.DynamicConv forward+backward" in out and "output (1, 16, 64, 64)" in out, out
+    assert "within the budget of 19.07 MiB" in out, out  # measured forward and backward peaks
 
 
 def test_denoiser_learns_and_writes_pngs(tmp_path, capsys):
@@ -105,5 +112,12 @@ def test_training_budget(capsys):
     results = load_example("training_budget").main(["--quick"])
     assert results["loss_last"] < results["loss_first"]
     assert results["chunking_difference"] < 1e-5
+    # The tight budget forces several chunks and is honoured as measured, forward and backward.
+    assert results["tight_chunks"] > results["chunks"] >= 1, results
+    assert results["tight_peak"] <= results["tight_budget"], results
+    # "1kB" is refused with the smallest budget that fits: the one the plan printed.
+    assert results["minimum_budget"] == results["planned_minimum_budget"] > 1000, results
     out = capsys.readouterr().out
-    assert out.count("Plan") == 2 and "7 chunks" in out, out
+    assert out.count("chunkconv plan: training") == 2, out
+    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked (all 1,152 patches at once)" in out, out
+    assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out

@@ -1,0 +1,298 @@
+"""The fast path's decisions: detect a Linear-terminated generator, cost its contraction orders.
+
+When the generator ends in ``nn.Linear(hidden, out_channels * patch_size // groups)``, with
+``h = body(patch)`` and that layer's ``W`` (rows indexed ``(o, p')``) and ``c``, the output is
+
+    out[b, o] = sum_j h[b, j] * (sum_p' W[(o, p'), j] * x[b, g(o), p'])  +  sum_p' c[(o, p')] * x[b, g(o), p']
+
+so the per-patch weights never have to exist. This module owns everything about that which is
+decided from shapes and module structure alone, before any tensor work: whether a generator
+qualifies (:func:`find_linear_tail`), which of the three contraction orders is cheapest
+(:func:`contraction_costs`, :func:`choose_order`), how many bytes per patch the fast path's
+intermediates take (:func:`fast_path_bytes_per_patch`, for the planner), and which path runs and
+why (:func:`choose_path` -> :class:`PathChoice`). The tensor work is in :mod:`.fast_execute`.
+
+The three orders, per patch, with ``G`` groups, ``Og = O / G``, ``Pg = P / G``, ``H = hidden``
+(each does the same main GEMM of ``2 * O * Pg * H`` FLOPs; they differ in what they write):
+
+* ``"weights"``: ``w = h @ W.T + c`` then ``w . x``: writes the ``O * Pg`` weights (the generic path).
+* ``"patch_first"``: ``T = x_g @ W_g`` (``O * H`` values), then ``T . h``: the weights never exist.
+* ``"hidden_first"``: ``A = h (x) x_g`` (``H * P`` values), then ``A @ W_g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .geometry import ConvGeometry
+
+__all__ = [
+    "ORDERS",
+    "PATHS",
+    "ContractionCost",
+    "FastPathBytes",
+    "LinearTail",
+    "PathChoice",
+    "choose_order",
+    "choose_path",
+    "contraction_costs",
+    "fast_path_bytes_per_patch",
+    "find_linear_tail",
+]
+
+Order = Literal["weights", "patch_first", "hidden_first"]
+ORDERS: tuple[Order, ...] = ("weights", "patch_first", "hidden_first")
+PATHS = ("auto", "fast", "generic")
+
+# Machine balance used to weigh bytes against FLOPs (FLOPs one byte of traffic costs). Every
+# order does the same main GEMM, so this only decides between orders whose intermediates differ;
+# 10 is below any current CPU or GPU (H100: ~20 fp32, ~300 bf16), i.e. it never overrates bytes.
+_FLOPS_PER_BYTE = 10
+
+
+@dataclass(frozen=True)
+class LinearTail:
+    """A generator split as ``generator(x) == linear(body(x))``.
+
+    Attributes:
+        body: the modules before the last Linear (``None`` for a bare ``nn.Linear``: ``h = x``).
+        linear: the last ``nn.Linear``.
+        weight_name, bias_name: the names of its parameters among the generator's
+            ``named_parameters()`` (``bias_name`` is ``None`` without a bias).
+        hidden: ``linear.in_features``, the width ``H`` of ``h``.
+
+    """
+
+    body: nn.Module | None
+    linear: nn.Linear
+    weight_name: str
+    bias_name: str | None
+
+    @property
+    def hidden(self) -> int:
+        return self.linear.in_features
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def find_linear_tail(generator: object, geom: ConvGeometry) -> tuple[LinearTail | None, str]:
+    """Split ``generator`` into ``body`` and a last ``nn.Linear``, or say why it cannot be.
+
+    Qualifies: an ``nn.Linear``, or an ``nn.Sequential`` whose last module is an ``nn.Linear``
+    (exact types: a subclass may change ``forward``), with ``out_features`` equal to one patch's
+    weight size, no forward hooks on either (a parametrized Linear is another type), and the
+    Linear's parameters not shared with the body.
+
+    Returns:
+        ``(tail, reason)``: the split and a one-line description, or ``(None, reason)``.
+
+    """
+    if not isinstance(generator, nn.Module):
+        return None, f"the generator is a plain callable ({type(generator).__name__}), not an nn.Module"
+    if type(generator) is nn.Linear:
+        body, linear, prefix = None, generator, ""
+    elif type(generator) is nn.Sequential:
+        if len(generator) == 0:
+            return None, "the generator is an empty nn.Sequential"
+        last_key = list(generator._modules)[-1]
+        linear = generator._modules[last_key]
+        if type(linear) is not nn.Linear:
+            return None, f"the last module of the nn.Sequential is {type(linear).__name__}, not nn.Linear"
+        body = generator[:-1] if len(generator) > 1 else None
+        prefix = f"{last_key}."
+        if _hooked(generator):
+            return None, "the nn.Sequential has forward hooks"
+    else:
+        return None, f"the generator is {type(generator).__name__}, not nn.Linear or an nn.Sequential ending in one"
+    if _hooked(linear) or _global_hooks():
+        return None, "the last nn.Linear (or every module) has forward hooks"
+    if linear.out_features != geom.weight_numel:
+        return None, (
+            f"the last nn.Linear has out_features={linear.out_features}, not one patch's weight size "
+            f"{geom.weight_numel}"
+        )
+    names = {id(p): n for n, p in generator.named_parameters()}
+    own = {id(linear.weight)} | ({id(linear.bias)} if linear.bias is not None else set())
+    if body is not None and any(id(p) in own for p in body.parameters()):
+        return None, "the last nn.Linear shares its parameters with the body"
+    weight_name = names.get(id(linear.weight), prefix + "weight")
+    bias_name = None if linear.bias is None else names.get(id(linear.bias), prefix + "bias")
+    kind = "nn.Linear" if body is None else f"nn.Sequential of {len(generator)} modules ending in nn.Linear"
+    return LinearTail(body, linear, weight_name, bias_name), f"the generator is an {kind}"
+
+
+@dataclass(frozen=True)
+class ContractionCost:
+    """One order's cost per patch: FLOPs, and elements of the intermediate it writes and reads."""
+
+    order: Order
+    flops: int
+    intermediate: int
+
+    def score(self, itemsize: int) -> int:
+        """FLOPs plus the intermediate's traffic (written once, read once) weighed in FLOPs."""
+        return self.flops + _FLOPS_PER_BYTE * 2 * self.intermediate * itemsize
+
+
+def contraction_costs(geom: ConvGeometry, hidden: int) -> tuple[ContractionCost, ...]:
+    """Per-patch cost of every order (see the module docstring), forward only.
+
+    Every order does the main GEMM (``2 * O * Pg * H`` FLOPs); the extras are the bias term
+    (``2 * O * Pg``), the final contraction and, for ``"hidden_first"``, the outer product.
+    """
+    o, h, p = geom.out_channels, hidden, geom.patch_size
+    pg = p // geom.groups
+    main = 2 * o * pg * h
+    return (
+        ContractionCost("weights", main + o * pg + 2 * o * pg, o * pg),
+        ContractionCost("patch_first", main + 2 * o * h + 2 * o * pg, o * h),
+        ContractionCost("hidden_first", main + h * p + 2 * o * pg, h * p),
+    )
+
+
+def choose_order(geom: ConvGeometry, hidden: int, dtype: torch.dtype) -> ContractionCost:
+    """Return the cheapest order for these shapes (ties go to the earlier order in :data:`ORDERS`)."""
+    return min(contraction_costs(geom, hidden), key=lambda c: c.score(dtype.itemsize))
+
+
+@dataclass(frozen=True)
+class FastPathBytes:
+    """Bytes per patch the fast path's contraction allocates, forward (no grad) and backward.
+
+    Counts the patch row, ``h``, the order's intermediate, the output row and, in backward, their
+    gradients and what autograd saves; *not* the body's own activations (measure ``tail.body``).
+    """
+
+    order: Order
+    forward: int
+    backward: int
+
+
+def fast_path_bytes_per_patch(
+    geom: ConvGeometry, hidden: int, dtype: torch.dtype, order: Order | None = None
+) -> FastPathBytes:
+    """Count the bytes per patch of the fast path's intermediates (the planner's view).
+
+    Args:
+        geom: the call's geometry.
+        hidden: the last Linear's ``in_features`` (``LinearTail.hidden``).
+        dtype: the compute dtype (the result dtype under autocast).
+        order: the contraction order; default: :func:`choose_order`'s.
+
+    """
+    if order is None:
+        order = choose_order(geom, hidden, dtype).order
+    o, h, p = geom.out_channels, hidden, geom.patch_size
+    pg = p // geom.groups
+    inter = {"weights": o * pg, "patch_first": o * h, "hidden_first": h * p}[order]
+    # forward: patches, h, intermediate, output (+ bias term's output)
+    forward = p + h + inter + 2 * o
+    # backward: patches and their gradient (two partial gradients summed), h and its gradient,
+    # the intermediate (saved) and its gradient, output and its gradient
+    backward = 3 * p + 2 * h + 2 * inter + 3 * o
+    size = dtype.itemsize
+    return FastPathBytes(order, forward * size, backward * size)
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """Which path runs and why; shown by :class:`~chunkconv.planner.Plan`.
+
+    Attributes:
+        path: ``"fast"`` or ``"generic"``.
+        reason: why, in words.
+        tail: the split generator (fast path only).
+        order: the contraction order of the PyTorch fast path (fast path only).
+        bytes_per_patch: the fast path's :class:`FastPathBytes` (fast path only).
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (``order``'s GEMMs) (fast path only).
+        backend_reason: why Triton does not run, where it does not.
+
+    """
+
+    path: Literal["fast", "generic"]
+    reason: str
+    tail: LinearTail | None = None
+    order: Order | None = None
+    bytes_per_patch: FastPathBytes | None = None
+    backend: Literal["torch", "triton"] | None = None
+    backend_reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.path == "generic":
+            return f"generic path ({self.reason})"
+        if self.backend == "triton":
+            how = "fused Triton kernels"
+        else:
+            why = f"; no Triton: {self.backend_reason}" if self.backend_reason else ""
+            how = f"PyTorch, order {self.order}{why}"
+        return f"fast path, {how} ({self.reason})"
+
+
+def choose_path(
+    generator: Callable | nn.Module,
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    path: str = "auto",
+    *,
+    device: torch.device | str = "cpu",
+    order: Order | None = None,
+) -> PathChoice:
+    """Pick the fast or the generic path for one call, and the fast path's backend.
+
+    Args:
+        generator: the user's generator.
+        geom: the call's geometry.
+        dtype: the compute dtype (the result dtype under autocast).
+        device: where the call runs; the fused Triton kernels run on CUDA only (see
+            :func:`chunkconv.kernels.triton_unavailable`). Default: ``"cpu"``.
+        path: ``"auto"`` (fast where the generator qualifies), ``"fast"`` (raise if it does not)
+            or ``"generic"`` (always form per-patch weights). Default: ``"auto"``.
+        order: force a contraction order of the PyTorch fast path. Default: the cost model's.
+
+    Raises:
+        ValueError: an unknown ``path`` or ``order``, or ``path="fast"`` with a generator that
+            does not end in ``nn.Linear``.
+
+    """
+    if path not in PATHS:
+        raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"Invalid value for `order`; expected one of {ORDERS} or None, got {order=}.")
+    if path == "generic":
+        return PathChoice("generic", "path='generic' given")
+    tail, why = find_linear_tail(generator, geom)
+    if tail is None:
+        if path == "fast":
+            raise ValueError(
+                f"path='fast' needs a generator that is an nn.Linear or an nn.Sequential ending in one, "
+                f"with out_features = out_channels * in_channels // groups * prod(kernel_size) = "
+                f"{geom.weight_numel}; but {why}. Use path='auto' or 'generic'."
+            )
+        return PathChoice("generic", why)
+    cost = choose_order(geom, tail.hidden, dtype) if order is None else None
+    chosen = order if order is not None else cost.order  # type: ignore[union-attr]
+    reason = why if path == "auto" else f"path='fast' given; {why}"
+    from .kernels import triton_unavailable  # imports no Triton
+
+    no_triton = triton_unavailable(torch.device(device), dtype, tail.hidden) if order is None else "order given"
+    return PathChoice(
+        "fast",
+        reason,
+        tail,
+        chosen,
+        fast_path_bytes_per_patch(geom, tail.hidden, dtype, chosen),
+        "torch" if no_triton else "triton",
+        no_triton,
+    )

@@ -1,0 +1,216 @@
+"""The fused Triton kernels, against the unchunked oracle.
+
+Without a GPU they run in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
+before Triton is first imported: ``test_kernels_under_the_interpreter`` runs this module again in
+a subprocess with it set, where the ``interp`` tests run on CPU tensors with tiny shapes. The
+``cuda`` tests run the same checks on a GPU when there is one (in this process, compiled).
+Triton 3.9's interpreter gets ``tl.dot`` on bfloat16 wrong, so bfloat16 is checked on CUDA only.
+"""
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import chunkconv
+from chunkconv.fastpath import choose_path
+from chunkconv.geometry import conv_spec
+from chunkconv.kernels import triton_unavailable
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_kernels_under_the_interpreter's subprocess")
+cuda = pytest.mark.cuda
+compiled = pytest.mark.skipif(INTERPRET, reason="compiled kernels only")
+
+# (groups, in_channels, out_channels, hidden, kernel, rows): HP = 8, 16, 64; rows not a tile multiple
+SHAPES = [(1, 3, 4, 5, 3, 37), (2, 4, 6, 16, 2, 21), (1, 2, 3, 40, 3, 17)]
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 1e-1),
+}
+
+
+def test_kernels_under_the_interpreter():
+    if INTERPRET:
+        pytest.skip("already interpreting")
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def _check_contract(device, dtype, shape, bias, tol=None):
+    from chunkconv.kernels.contract import TritonContract
+
+    g, c, o, hidden, k, rows = shape
+    geom = conv_spec(2, in_channels=c, out_channels=o, kernel_size=k, groups=g).geometry((1, c, 6, 6))
+    pg = geom.patch_size // g
+    make = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+    ref_in = [make(rows, geom.patch_size), make(rows, hidden), make(o * pg, hidden), make(o * pg) if bias else None]
+    ref_in = [t.requires_grad_() if t is not None else None for t in ref_in]
+    got_in = [t.detach().to(device, dtype).requires_grad_() if t is not None else None for t in ref_in]
+    x, h, w, b = ref_in
+    weights = torch.nn.functional.linear(h, w, b).view(rows, g, o // g, pg)
+    want = torch.einsum("bgop,bgp->bgo", weights, x.view(rows, g, pg)).reshape(rows, o)
+    got = TritonContract.apply(*got_in, geom)
+    rtol, atol = tol or TOL[dtype]
+    assert got.dtype == dtype and got.device.type == torch.device(device).type
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=rtol, atol=atol * want.abs().max().item())
+    upstream = torch.randn_like(want)
+    leaves_ref = [t for t in ref_in if t is not None]
+    leaves_got = [t for t in got_in if t is not None]
+    grads_want = torch.autograd.grad(want, leaves_ref, upstream)
+    grads_got = torch.autograd.grad(got, leaves_got, upstream.to(device, dtype))
+    for name, a, e in zip("xhWc", grads_got, grads_want):
+        assert a.dtype == dtype, name
+        scale = e.abs().max().item()
+        torch.testing.assert_close(
+            a.double().cpu(), e, rtol=rtol, atol=atol * scale, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
+
+
+def _check_conv(device, dtype, kind, groups):
+    """A whole dynamic_conv on the fast path with the Triton backend, vs the reference."""
+    c, o, k = 2 * groups, 2 * groups, 3
+    p, wsize = c * k * k, o * (c // groups) * k * k
+    if kind == "linear":
+        gen = nn.Linear(p, wsize)
+    else:
+        gen = nn.Sequential(nn.Linear(p, 6), nn.Tanh(), nn.Linear(6, wsize))
+    gen = gen.to(device, dtype)
+    x = torch.randn(2, c, 5, 4, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(o, dtype=dtype, device=device, requires_grad=True)
+    geom = conv_spec(2, in_channels=c, out_channels=o, kernel_size=k, groups=groups, padding=1).geometry(x.shape)
+    choice = choose_path(gen, geom, dtype, device=x.device)
+    assert choice.path == "fast" and choice.backend == "triton", str(choice)
+    y = chunkconv.dynamic_conv2d(x, gen, o, k, bias=bias, padding=1, groups=groups, chunk_size=13)
+    leaves = [x, bias, *gen.parameters()]
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, upstream)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves[:2]]
+    ref_gen = copy.deepcopy(gen).double().cpu()
+    want = chunkconv.dynamic_conv_reference(
+        ref_leaves[0], ref_gen, out_channels=o, kernel_size=k, bias=ref_leaves[1], padding=1, groups=groups
+    )
+    want_grads = torch.autograd.grad(
+        want, [ref_leaves[0], ref_leaves[1], *ref_gen.parameters()], upstream.double().cpu()
+    )
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double().cpu(), want.detach(), rtol=rtol, atol=atol * want.abs().max().item())
+    for a, e in zip(grads, want_grads):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=atol * e.abs().max().item())
+
+
+@interp
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_interp_contract_float64(shape, bias):
+    _check_contract("cpu", torch.float64, shape, bias)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_contract_low_precision(dtype):
+    _check_contract("cpu", dtype, SHAPES[1], True)
+
+
+@interp
+@pytest.mark.parametrize("kind, groups", [("mlp", 1), ("mlp", 2), ("linear", 1)])
+def test_interp_dynamic_conv_uses_the_kernels(kind, groups):
+    _check_conv("cpu", torch.float64, kind, groups)
+
+
+@interp
+def test_interp_empty_chunk():
+    from chunkconv.kernels.contract import contract_backward, contract_forward
+
+    geom = conv_spec(1, in_channels=2, out_channels=2, kernel_size=3).geometry((1, 2, 5))
+    x, h, w = torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64), torch.ones(12, 4)
+    assert contract_forward(x, h, w.double(), None, geom).shape == (0, 2)
+    gx, gh, gw, gc = contract_backward(torch.zeros(0, 2).double(), x, h, w.double(), None, geom, (True,) * 4)
+    assert gx.shape == x.shape and gh.shape == h.shape and gw.abs().sum() == 0 and gc is None
+
+
+def test_fallback_reasons():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    if not INTERPRET:
+        assert "on cpu" in triton_unavailable(cpu, f32)
+    assert "float64" in (triton_unavailable(torch.device("cuda"), torch.float64) or "")
+    assert "in_features=300" in (triton_unavailable(torch.device("cuda"), f32, hidden=300) or "")
+    old = os.environ.get("CHUNKCONV_TRITON")
+    os.environ["CHUNKCONV_TRITON"] = "0"
+    try:
+        assert triton_unavailable(torch.device("cuda"), f32) == "turned off by CHUNKCONV_TRITON=0"
+    finally:
+        os.environ.pop("CHUNKCONV_TRITON") if old is None else os.environ.__setitem__("CHUNKCONV_TRITON", old)
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_contract(shape, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_contract("cuda", dtype, shape, True)
+
+
+@cuda
+@compiled
+def test_cuda_contract_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_contract("cuda", torch.float32, SHAPES[0], True, tol=TOL[torch.float16])  # TF32: fp16's mantissa
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("kind, groups", [("mlp", 1), ("mlp", 2), ("linear", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dynamic_conv_uses_the_kernels(kind, groups, dtype):
+    _check_conv("cuda", dtype, kind, groups)
+
+
+_PTRS = {
+    "_fwd_kernel": ("x_ptr", "h_ptr", "w_ptr", "init_ptr", "y_ptr"),
+    "_bwd_h_kernel": ("x_ptr", "gy_ptr", "w_ptr", "gh_ptr"),
+    "_bwd_x_kernel": ("gy_ptr", "h_ptr", "w_ptr", "init_ptr", "gx_ptr"),
+    "_bwd_w_kernel": ("x_ptr", "gy_ptr", "h_ptr", "gw_ptr"),
+}
+
+
+@pytest.mark.slow
+@compiled
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("fp32", "tf32")])
+def test_kernels_compile_for_sm90(dtype, precision):
+    """Lower every kernel to an sm_90 cubin (Triton's bundled ptxas; no GPU needed): catches what the
+    interpreter cannot, such as layout conversions of the reshaped accumulators."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from chunkconv.kernels import contract
+
+    const = dict(HP=32, ACC=tl.float32, PRECISION=precision, BB=64, BP=32, BN=256)
+    for name, ptrs in _PTRS.items():
+        fn = getattr(contract, name)
+        consts = {**const, **({"HAS_INIT": True} if "init_ptr" in ptrs else {})}
+        signature = {a: "constexpr" if a in consts else (f"*{dtype}" if a in ptrs else "i32") for a in fn.arg_names}
+        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled_kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled_kernel.asm["cubin"], name
