@@ -36,12 +36,13 @@ from torch.utils._pytree import tree_flatten
 
 from .budget import format_bytes, parse_budget
 from .errors import BudgetTooSmallError
-from .execute import ChunkStep, GeneratorStep, backward_chunks, forward_chunks
+from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
 from .fastpath import PathChoice
 from .geometry import ConvGeometry, conv_geometry
 from .memory import MemoryTracker
 
 __all__ = [
+    "CPU_CHUNK_BYTES",
     "SAFETY_FACTOR",
     "ChunkCost",
     "Plan",
@@ -61,7 +62,13 @@ SAFETY_FACTOR = 1.10
 _SAFETY_BYTES = {"cpu": 64 * 1024, "cuda": 2 * 2**20}
 # Probe sizes (patches per probe chunk): large enough that per-patch costs dominate, small
 # enough to be cheap. CUDA's allocator rounds small blocks, so probe it larger.
-_PROBE_ROWS = {"cpu": (64, 256), "cuda": (512, 2048)}
+# The step's bytes are a maximum of linear terms (e.g. the chunk's activations, or the end-of-call
+# gradient chain), so they are measured at four sizes and modelled as the upper envelope of the
+# three secant lines: exact beyond the largest probe, an upper bound between probes.
+_PROBE_ROWS = {"cpu": (16, 64, 256, 1024), "cuda": (128, 512, 2048, 8192)}
+# On a CPU, chunks whose working set stays in cache are faster than one huge chunk: when the budget
+# allows more, chunks are capped at this many bytes of per-chunk allocations (GPUs: no cap).
+CPU_CHUNK_BYTES = 64 * 2**20
 
 
 def safety_bytes(device: torch.device) -> int:
@@ -71,13 +78,31 @@ def safety_bytes(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class StepCost:
-    """Bytes one chunk step allocates above what existed before it: ``intercept + per_patch * B``."""
+    """Bytes one chunk step allocates above what existed before it, measured at a few sizes.
 
-    intercept: int
-    per_patch: float
+    ``at(B)`` is the upper envelope of the secant lines through consecutive measurements;
+    ``intercept + per_patch * B`` is the last line, the one that holds for large chunks.
+    """
+
+    points: tuple[tuple[int, int], ...]  # (patches, bytes), increasing patches
+
+    def _lines(self) -> list[tuple[float, float]]:
+        lines = []
+        for (r1, c1), (r2, c2) in zip(self.points, self.points[1:]):
+            slope = max((c2 - c1) / (r2 - r1), 0.0)
+            lines.append((c1 - slope * r1, slope))
+        return lines
+
+    @property
+    def per_patch(self) -> float:
+        return self._lines()[-1][1]
+
+    @property
+    def intercept(self) -> int:
+        return max(0, math.ceil(self._lines()[-1][0]))
 
     def at(self, patches: int) -> int:
-        return math.ceil(self.intercept + self.per_patch * patches)
+        return max(0, math.ceil(max(a + s * patches for a, s in self._lines())))
 
 
 @dataclass(frozen=True)
@@ -243,14 +268,6 @@ def _stand_ins(generator: Generator) -> tuple[list[Tensor], dict[str, Tensor]]:
     return params, {n: b.clone() for n, b in generator.named_buffers()}
 
 
-def _fit(points: list[tuple[int, int]]) -> StepCost:
-    (r1, c1), (r2, c2) = points
-    per_patch = max((c2 - c1) / (r2 - r1), 0.0)
-    if per_patch == 0.0:
-        per_patch = c2 / r2
-    return StepCost(intercept=max(0, math.ceil(c1 - per_patch * r1)), per_patch=per_patch)
-
-
 def measure_chunk_cost(
     step: ChunkStep,
     generator: Generator,
@@ -270,7 +287,10 @@ def measure_chunk_cost(
     left as they were. Forward hooks on the generator do see the probe calls.
     """
     params, buffers = _stand_ins(generator)
-    bound = step.bind(params, buffers) if params or buffers else step.bind(None)
+
+    def bound() -> BoundStep:  # bound inside each measurement: binding may lay parameters out anew
+        return step.bind(params, buffers) if params or buffers else step.bind(None)
+
     forward_points, backward_points = [], []
     method = ""
     cuda = [device] if device.type == "cuda" else []
@@ -281,7 +301,7 @@ def measure_chunk_cost(
             out_bytes = rows * geom.out_channels * out_dtype.itemsize
             with torch.no_grad():
                 peak, method = _measure(
-                    device, lambda x=x, probe=probe, rows=rows: forward_chunks(x, bound, probe, rows, out_dtype)
+                    device, lambda x=x, probe=probe, rows=rows: forward_chunks(x, bound(), probe, rows, out_dtype)
                 )
             forward_points.append((rows, max(0, peak - out_bytes)))
             if training:
@@ -291,14 +311,14 @@ def measure_chunk_cost(
                     peak, _ = _measure(
                         device,
                         lambda x=x, probe=probe, rows=rows, grad_y=grad_y: backward_chunks(
-                            x, bound, probe, [(0, rows)], grad_y, input_grad=input_grad
+                            x, bound(), probe, [(0, rows)], grad_y, input_grad=input_grad
                         ),
                     )
-                buffers = x.numel() * dtype.itemsize if input_grad else 0
-                backward_points.append((rows, max(0, peak - buffers)))
+                grad_buffer = x.numel() * dtype.itemsize if input_grad else 0
+                backward_points.append((rows, max(0, peak - grad_buffer)))
     return ChunkCost(
-        forward=_fit(forward_points),
-        backward=_fit(backward_points) if training else None,
+        forward=StepCost(tuple(forward_points)),
+        backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
     )
 
@@ -468,7 +488,9 @@ def make_plan(
     total = geom.num_patches
     minimum = required(1)
     unchunked_fwd = f_fwd + reference_cost.forward.at(total)
-    unchunked_train = f_fwd + reference_cost.backward.at(total) if training and reference_cost.backward else None
+    unchunked_train = (
+        max(f_fwd, f_bwd) + reference_cost.backward.at(total) if training and reference_cost.backward else None
+    )
     details = dict(
         cost=cost,
         fixed_forward=fixed_fwd,
@@ -501,10 +523,15 @@ def make_plan(
             lo = mid
         else:
             hi = mid - 1
+    reason = "all patches fit in one chunk" if lo == total else "largest chunks that fit the budget, evened out"
+    if device.type == "cpu":
+        per_patch = max(cost.forward.per_patch, cost.backward.per_patch if training and cost.backward else 0.0)
+        cap = max(1, int(CPU_CHUNK_BYTES // max(per_patch, 1.0)))
+        if lo > cap:
+            lo, reason = cap, f"capped at {format_bytes(CPU_CHUNK_BYTES)} per chunk: faster in a CPU's caches"
     chunks = math.ceil(total / lo)
     size = math.ceil(total / chunks)  # same number of chunks, evenly sized: a lower peak
     fwd, bwd = peaks(size)
-    reason = "all patches fit in one chunk" if chunks == 1 else "largest chunks that fit the budget, evened out"
     plan = replace(
         base, chunk_size=size, budget=nbytes, forward_peak=fwd, backward_peak=bwd, reason=reason, **details
     )

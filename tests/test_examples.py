@@ -59,15 +59,15 @@ def test_large_image_recipe_fails_cleanly_only_when_capped():
 
 
 def test_large_image_script():
-    out = run_script("large_image", "--size", "64", "--recipe-limit-gb", "0.02", "--budget", "20MB")
+    out = run_script("large_image", "--size", "64", "--recipe-limit-gb", "0.02", "--budget", "6MB")
     assert "forum recipe, capped at 0.02 GiB of extra address space: out of memory" in out, out
     # the plan is printed before chunkconv runs, and says what the unchunked computation would need
     assert out.index("chunkconv plan: training") < out.index("chunkconv.DynamicConv forward+backward"), out
-    assert "budget   19.07 MiB (budget='20MB')" in out and "unchunked (all 4,096 patches at once) would need" in out
+    assert "budget   5.72 MiB (budget='6MB')" in out and "unchunked recipe (all 4,096 weights at once) would need" in out
     chunks = re.search(r"chunks +(\d+) of", out)
-    assert chunks and int(chunks[1]) > 1, out  # 20MB forces several chunks at this size
+    assert chunks and int(chunks[1]) > 1, out  # 6MB forces several chunks at this size
     assert "chunkconv.DynamicConv forward+backward" in out and "output (1, 16, 64, 64)" in out, out
-    assert "within the budget of 19.07 MiB" in out, out  # measured forward and backward peaks
+    assert "within the budget of 5.72 MiB" in out, out  # measured forward and backward peaks
 
 
 def test_denoiser_learns_and_writes_pngs(tmp_path, capsys):
@@ -119,5 +119,5 @@ def test_training_budget(capsys):
     assert results["minimum_budget"] == results["planned_minimum_budget"] > 1000, results
     out = capsys.readouterr().out
     assert out.count("chunkconv plan: training") == 2, out
-    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked (all 1,152 patches at once)" in out, out
+    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked recipe (all 1,152 weights at once)" in out, out
     assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out

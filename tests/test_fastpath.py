@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import chunkconv
-from chunkconv.errors import GeneratorOutputError
 from chunkconv.autograd import DynamicConvFunction, ForwardContext
+from chunkconv.errors import GeneratorOutputError
 from chunkconv.fast_execute import LinearTailStep
 from chunkconv.fastpath import choose_order, choose_path, contraction_costs, fast_path_bytes_per_patch
 from chunkconv.functional import plan_spec

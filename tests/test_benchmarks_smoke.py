@@ -1,0 +1,132 @@
+"""The benchmark runner's smoke configuration, end to end on the CPU (seconds): it must not rot.
+
+Benchmarks report, they do not assert timings: these tests check that every method computes the
+layer, that a run writes its JSON, Markdown and plot, and that running out of memory (a real
+allocation failure under the child's address-space cap, and a case skipped by its estimate)
+becomes a result instead of a crash.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import chunkconv
+from benchmarks.__main__ import main
+from benchmarks.isolation import IsolatedWorker
+from benchmarks.measure import Case, _layer
+from benchmarks.methods import Method, default_methods
+from benchmarks.runner import Settings, run
+from benchmarks.workloads import ANCHORS, Workload
+
+
+def test_every_method_computes_the_layer():
+    wl = Workload("t", batch=2, channels=3, size=7, out_channels=4, hidden=5)
+    torch.manual_seed(0)
+    generator, bias = _layer(wl, torch.device("cpu"), torch.float64)
+    x = torch.randn(wl.batch, wl.channels, wl.size, wl.size, dtype=torch.float64, requires_grad=True)
+    expected = chunkconv.dynamic_conv_reference(
+        x, generator, out_channels=wl.out_channels, kernel_size=wl.kernel, padding=wl.padding, bias=bias
+    )
+    (gx,) = torch.autograd.grad(expected.square().sum(), x)
+    methods = [m for m in default_methods("cpu") if m.kind != "static"]
+    methods += [Method("chunkconv", chunk_size=5), Method("chunkconv", budget="2MB")]
+    for method in methods:
+        fn, _ = method.build(wl, generator, bias)
+        y = fn(x)
+        torch.testing.assert_close(y, expected, msg=lambda m, method=method: f"{method.label}: {m}")
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(g, gx, msg=lambda m, method=method: f"{method.label} input grad: {m}")
+    fn, _ = Method("static").build(wl, generator, bias)
+    assert fn(x).shape == expected.shape and fn(x).dtype == torch.float64
+
+
+def test_anchor_workloads_keep_anchors_md_shapes():
+    a, b, c, cpu = (ANCHORS[n] for n in ("A", "B", "C", "CPU-A"))
+    assert (a.batch, a.channels, a.size, a.out_channels, a.hidden, a.kernel) == (8, 32, 256, 32, 64, 3)
+    assert (b.batch, b.channels, b.size, b.out_channels, b.hidden, b.kernel) == (1, 16, 2048, 16, 32, 3)
+    assert (c.batch, c.channels, c.size, c.out_channels, c.hidden, c.kernel) == (4, 64, 128, 64, 64, 5)
+    assert (cpu.batch, cpu.channels, cpu.size, cpu.out_channels, cpu.hidden, cpu.kernel) == (2, 16, 256, 16, 32, 3)
+    # The estimate reproduces ANCHORS.md's H100 peaks within 10% (workload B inference: forum 76.8 GB, einsum 42.2 GB).
+    assert Method("forum").estimate(b, "fwd", 4) == pytest.approx(76.8e9, rel=0.1)
+    assert Method("einsum").estimate(b, "fwd", 4) == pytest.approx(42.2e9, rel=0.1)
+    assert Method("einsum").estimate(a, "fwd+bwd", 4) == pytest.approx(38.8e9, rel=0.1)
+
+
+def test_smoke_run_writes_json_markdown_and_report(tmp_path):
+    out = tmp_path / "results"
+    code = main(["--suite", "smoke", "--sizes", "8", "--repeats", "1", "--threads", "1", "--out", str(out),
+                 "--name", "smoke", "--note", "test run"])  # fmt: skip
+    assert code == 0
+    doc = json.loads((out / "smoke.json").read_text())
+    assert doc["device"] == "cpu" and doc["isolated"] and doc["machine"]["torch"] == torch.__version__
+    assert doc["note"] == "test run"
+    records = doc["measurements"]
+    labels = {m.label for m in default_methods("cpu")}
+    assert {(r["method"]["label"], r["mode"]) for r in records} == {(label, mode) for label in labels
+                                                                     for mode in ("fwd", "fwd+bwd")}  # fmt: skip
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and r["peak_bytes"] > 0 and len(r["times_s"]) == 1
+    # the layer's output alone is 1 x 2 x 8 x 8 float32 = 512 bytes, and every method allocates it
+    assert min(r["peak_bytes"] for r in records) >= 512
+    page = (out / "smoke.md").read_text()
+    assert "Summary: chunkconv against the best unchunked recipe" in page
+    assert all(label in page for label in labels)
+
+    target = tmp_path / "docs" / "benchmarks.md"
+    assert main(["report", str(out / "smoke.json"), "--markdown", str(target)]) == 0
+    assert "smoke-8" in target.read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "smoke.png").stat().st_size > 0 and (tmp_path / "docs" / "img" / "smoke.png").stat().st_size > 0
+    assert "](img/smoke.png)" in target.read_text()
+
+
+def test_out_of_memory_in_the_capped_child_is_a_result():
+    # The forum recipe needs ~300 MB here (151 MB of weights, a product as large); the child may add 64 MB.
+    wl = Workload("oom", batch=1, channels=16, size=128, out_channels=16, hidden=32)
+    with IsolatedWorker(limit_bytes=64 * 2**20, threads=1) as worker:
+        failed = worker.run(Case(wl, Method("forum"), "fwd", "float32", "cpu", repeats=1))
+        assert failed["status"] == "oom", failed
+        assert "memory" in failed["message"]
+        # the child that failed is replaced by a fresh one, and chunkconv fits in its cap
+        ok = worker.run(Case(wl, Method("chunkconv", budget="16MB"), "fwd", "float32", "cpu", repeats=1))
+        assert ok["status"] == "ok", ok
+        assert ok["peak_bytes"] < 64 * 2**20
+        assert ok["retained_bytes"] < 64 * 2**20
+
+
+def test_a_case_over_the_limit_is_skipped_with_its_estimate(tmp_path):
+    settings = Settings(suite="smoke", sizes=(16, 32), repeats=1, isolate=False, memory_limit=100_000,
+                        modes=("fwd",), methods=(Method("forum"), Method("static")))  # fmt: skip
+    doc = run(settings, tmp_path / "run.json", log=lambda _: None)
+    status = {(r["workload"]["size"], r["method"]["label"]): r for r in doc["measurements"]}
+    assert status[(16, "static conv")]["status"] == "ok"
+    forum = status[(16, "forum")]
+    assert forum["status"] == "skipped" and forum["message"].startswith("would need ~")
+    assert forum["estimate_bytes"] > 100_000
+    assert json.loads((tmp_path / "run.json").read_text())["measurements"][0]["status"] == "skipped"
+    from benchmarks.report import render_run
+
+    assert "would need ~" in render_run(doc)
+
+
+def test_cuda_without_a_device_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match=r"--device cuda was asked for"):
+        run(Settings(device="cuda"), tmp_path / "run.json", log=lambda _: None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda(tmp_path):
+    settings = Settings(device="cuda", suite="smoke", sizes=(8,), repeats=1, dtypes=("float32", "bfloat16"))
+    doc = run(settings, tmp_path / "run.json", log=lambda _: None)
+    assert doc["machine"]["gpu"] and not doc["isolated"]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in doc["measurements"]), doc["measurements"]
