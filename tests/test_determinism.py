@@ -83,7 +83,7 @@ def test_repeated_runs_are_bit_identical(chunk_size):
 @pytest.mark.parametrize("path", ["fast", "generic"])
 def test_same_budget_gives_the_same_plan_and_bit_identical_results(path):
     # each run measures a fresh copy of the generator, so the plan is made anew from the budget
-    gen = nn.Sequential(nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, 8 * 36))
+    gen = nn.Sequential(nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, 8 * 36)).double()
     probe = chunkconv.DynamicConv(copy.deepcopy(gen), 4, 8, 3, padding=1, budget=2**40, path=path, dtype=torch.float64)
     budget = int(1.5 * probe.plan((2, 4, 8, 8)).minimum_budget)
     plans = [
