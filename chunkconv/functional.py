@@ -457,7 +457,7 @@ def plan(
     """What :func:`dynamic_conv` would do on ``input`` and what it would cost, without running it.
 
     Takes the arguments of :func:`dynamic_conv`; ``input`` may be a tensor or just its shape.
-    The generator is run once on a small probe batch to measure its memory (cached).
+    The generator is run on a few small probe batches to measure its memory (cached).
 
     Args:
         training: plan for forward and backward (``True``) or forward only. Default: whether

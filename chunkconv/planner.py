@@ -3,10 +3,11 @@
 The planner never touches the user's input. It works on a
 :class:`~chunkconv.geometry.ConvGeometry`, dtypes and byte counts, plus one
 measurement of the generator: the generator is arbitrary, so instead of
-assuming an MLP the planner runs one real chunk step (patch gather, generator,
-contraction; and the recompute-and-differentiate step of backward) on two
-small probe batches under :class:`~chunkconv.memory.MemoryTracker` and fits
-``bytes = intercept + per_patch * patches``. That measurement is cached per
+assuming an MLP the planner runs one real chunk step of the path that will run
+(patch gather, generator, contraction; and the recompute-and-differentiate step
+of backward) on four small probe batches under
+:class:`~chunkconv.memory.MemoryTracker` and models the bytes as the upper
+envelope of the secant lines through them. That measurement is cached per
 generator and configuration, and plans are cached per input shape, so a
 training loop pays for planning once.
 
@@ -18,7 +19,8 @@ Memory model of one call (see ``docs/memory.md``)::
                   + 2 x generator parameters (gradient accumulators)       (fixed)
                   + step_backward(chunk)                     (measured)
 
-and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget``.
+and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget`` (on a CPU it also caps
+chunks at ``CPU_CHUNK_BYTES``, which is faster there).
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ def measure_chunk_cost(
     training: bool,
     input_grad: bool,
 ) -> ChunkCost:
-    """Run one real chunk step of ``step`` (the path's arithmetic) on two small probe batches and
+    """Run one real chunk step of ``step`` (the path's arithmetic) on a few small probe batches and
     fit bytes per patch.
 
     The generator runs on random probe patches with detached parameters and cloned buffers,
