@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .execute import ChunkStep, backward_chunks, forward_chunks
+from .execute import ChunkStep, backward_chunks, buffer_copies, forward_chunks
 from .geometry import ConvGeometry
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
@@ -118,7 +118,7 @@ class DynamicConvFunction(torch.autograd.Function):
             with torch.enable_grad():
                 return backward_chunks(
                     input,
-                    run.step.bind(stand_ins),
+                    run.step.bind(stand_ins, buffer_copies(run.step.generator)),
                     run.geom,
                     ctx.ranges,
                     grad_y,

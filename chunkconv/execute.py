@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import GeneratorOutputError
 from .geometry import ConvGeometry
@@ -31,6 +31,7 @@ __all__ = [
     "accumulation_dtype",
     "backward_chunks",
     "bind_parameters",
+    "buffer_copies",
     "chunk_ranges",
     "contract",
     "forward_chunks",
@@ -122,6 +123,13 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
         view.index_put_(chunk.index, per_tap[:, :, t], accumulate=True)
 
 
+def buffer_copies(generator: Generator) -> dict[str, Tensor]:
+    """Copies of the generator's buffers, for recomputation that must leave the real ones alone."""
+    if not isinstance(generator, nn.Module):
+        return {}
+    return {name: b.clone() for name, b in generator.named_buffers()}
+
+
 def bind_parameters(generator: Generator, tensors: dict[str, Tensor]) -> Generator:
     """``generator`` called with ``tensors`` (by name) in place of its parameters and buffers.
 
@@ -153,8 +161,11 @@ class ChunkStep(Protocol):
     """A path's chunk arithmetic; ``bind`` fixes the parameters of one call (see :class:`BoundStep`).
 
     ``bind(None)`` uses the generator's own parameters (forward); backward and the planner's
-    probe pass detached stand-ins, in ``named_parameters()`` order, and optionally buffers.
+    probe pass detached stand-ins, in ``named_parameters()`` order, and copies of the buffers
+    (so that recomputing a chunk does not update running statistics a second time).
     """
+
+    generator: Generator
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
 
@@ -248,6 +259,16 @@ def _warn_oom_once(start: int, end: int, size: int) -> None:
 _oom_warned = False
 
 
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def forward_chunks(
     x: Tensor,
     step: BoundStep,
@@ -258,8 +279,9 @@ def forward_chunks(
     """The output ``(N, O, *out_spatial)`` without bias, and the chunk ranges actually used.
 
     If a chunk runs out of device memory (``torch.OutOfMemoryError``), the chunk size is halved
-    and the failed chunk retried; nothing computed before is lost. Backward must replay the
-    same ranges, so they are returned.
+    and the failed chunk retried from the random state it started with (so the draws a generator
+    makes are those backward will replay); nothing computed before is lost. Backward must replay
+    the same ranges, so they are returned.
     """
     y = torch.empty((geom.batch, geom.out_channels, *geom.out_spatial), dtype=out_dtype, device=x.device)
     rows = _output_rows(y, geom)
@@ -268,6 +290,7 @@ def forward_chunks(
     start, size, total = 0, chunk_size, geom.num_patches
     while start < total:
         end = min(start + size, total)
+        rng = _rng_state(x.device)
         try:
             chunk = ChunkIndex.build(start, end, geom, x.device)
             patches = gather_patches(x_pad, chunk, geom)
@@ -275,6 +298,7 @@ def forward_chunks(
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
+            _set_rng_state(rng, x.device)
             size = (end - start) // 2
             _warn_oom_once(start, end, size)
             continue

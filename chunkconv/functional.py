@@ -268,7 +268,8 @@ def apply_spec(
         run = ForwardContext(call.step, geom, chunk, call.out_dtype)
         y = DynamicConvFunction.apply(x, bias, run, *call.params.values())
     else:
-        y, _ = forward_chunks(x, call.step.bind(None), geom, chunk, call.out_dtype)
+        with torch.no_grad():  # nothing to differentiate: record no graph, whatever the generator captures
+            y, _ = forward_chunks(x, call.step.bind(None), geom, chunk, call.out_dtype)
         if bias is not None:
             y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
     return y.squeeze(0) if call.unbatched else y

@@ -16,7 +16,7 @@ Memory model of one call (see ``docs/memory.md``)::
     forward peak  = output + padded input copy              (fixed)
                   + step_forward(chunk)                      (measured)
     backward peak = padded input + input-gradient buffers
-                  + 2 x generator parameters (gradient accumulators)       (fixed)
+                  + 1 x generator parameters (running gradient sum)        (fixed)
                   + step_backward(chunk)                     (measured)
 
 and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget`` (on a CPU it also caps
@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 from .budget import format_bytes, parse_budget
 from .errors import BudgetTooSmallError
-from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
+from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, buffer_copies, forward_chunks
 from .fastpath import PathChoice
 from .geometry import ConvGeometry, conv_geometry
 from .memory import MemoryTracker
@@ -51,6 +51,7 @@ __all__ = [
     "StepCost",
     "make_plan",
     "measure_chunk_cost",
+    "probe_sizes",
     "safety_bytes",
 ]
 
@@ -262,12 +263,18 @@ def _probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
     )
 
 
+def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
+    """The probe batches for a call of ``num_patches``: never (much) larger than the call itself."""
+    sizes = _PROBE_ROWS.get(device.type, _PROBE_ROWS["cuda"])
+    return tuple(r for i, r in enumerate(sizes) if i < 2 or r <= num_patches)
+
+
 def _stand_ins(generator: Generator) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Detached parameters and cloned buffers, so probing changes nothing the user owns."""
     if not isinstance(generator, nn.Module):
         return [], {}
     params = [p.detach().requires_grad_(p.requires_grad) for p in generator.parameters()]
-    return params, {n: b.clone() for n, b in generator.named_buffers()}
+    return params, buffer_copies(generator)
 
 
 def measure_chunk_cost(
@@ -280,9 +287,15 @@ def measure_chunk_cost(
     device: torch.device,
     training: bool,
     input_grad: bool,
+    sizes: tuple[int, ...] | None = None,
+    limit: int | None = None,
 ) -> ChunkCost:
     """Run one real chunk step of ``step`` (the path's arithmetic) on a few small probe batches and
     fit bytes per patch.
+
+    ``sizes`` are the probe batches (default: :func:`probe_sizes` for ``geom``); after the first
+    two, a probe whose predicted cost exceeds ``limit`` bytes is skipped, so that probing never
+    allocates much more than the budget it plans for.
 
     The generator runs on random probe patches with detached parameters and cloned buffers,
     under a forked RNG: the user's parameters, buffers, hooks' targets and random stream are
@@ -293,11 +306,16 @@ def measure_chunk_cost(
     def bound() -> BoundStep:  # bound inside each measurement: binding may lay parameters out anew
         return step.bind(params, buffers) if params or buffers else step.bind(None)
 
-    forward_points, backward_points = [], []
+    forward_points: list[tuple[int, int]] = []
+    backward_points: list[tuple[int, int]] = []
     method = ""
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        for rows in _PROBE_ROWS.get(device.type, _PROBE_ROWS["cuda"]):
+        for rows in sizes or probe_sizes(device, geom.num_patches):
+            if limit is not None and len(forward_points) >= 2:
+                predicted = StepCost(tuple(backward_points or forward_points)).at(rows)
+                if predicted > limit:
+                    break
             probe = _probe_geometry(geom, rows)
             x = torch.randn((1, geom.in_channels, *probe.in_spatial), dtype=dtype, device=device)
             out_bytes = rows * geom.out_channels * out_dtype.itemsize
@@ -350,7 +368,9 @@ def _generator_state(generator: Generator) -> tuple:
         return ()
     return (
         tuple(m.training for m in generator.modules()),
-        tuple(p.requires_grad for p in generator.parameters()),
+        tuple((p.shape, p.dtype, p.device, p.requires_grad) for p in generator.parameters()),
+        tuple((b.shape, b.dtype, b.device) for b in generator.buffers()),
+        tuple(bool(m._forward_hooks or m._forward_pre_hooks) for m in generator.modules()),
     )
 
 
@@ -370,7 +390,7 @@ def _fixed_costs(
         "padded input": pad_copy,
         "input gradient (padded)": padded if input_grad else 0,
         "input gradient": unpadded if input_grad and geom.is_padded else 0,
-        "gradient accumulators": 2 * param_bytes,
+        "gradient accumulator": param_bytes,
     }
     return forward, backward
 
@@ -440,40 +460,46 @@ def make_plan(
     if plan_key in cache:
         return cache[plan_key]
 
+    nbytes = parse_budget(budget, device) if chunk_size is None else None  # a bad budget fails before probing
     base = Plan(geom, chunk_size or 1, training, dtype, device, path=path, budget_spec=budget_spec)
     if chunk_size is not None and not estimate:
         return _remember(cache, plan_key, replace(base, reason="chunk_size given"))
     if geom.num_patches == 0:
         return _remember(cache, plan_key, replace(base, reason="empty input"))
 
+    sizes = probe_sizes(device, geom.num_patches)
+
     def measured(kind: ChunkStep, cost_key: tuple) -> ChunkCost:
         found = cache.get(cost_key)
         if found is None:
-            found = _remember(
-                cache,
-                cost_key,
-                measure_chunk_cost(
-                    kind,
-                    generator,
-                    geom,
-                    dtype=dtype,
-                    out_dtype=out_dtype,
-                    device=device,
-                    training=training,
-                    input_grad=input_grad,
-                ),
+            found = measure_chunk_cost(
+                kind,
+                generator,
+                geom,
+                dtype=dtype,
+                out_dtype=out_dtype,
+                device=device,
+                training=training,
+                input_grad=input_grad,
+                sizes=sizes,
+                limit=nbytes,
             )
+            if len(found.forward.points) == len(sizes):  # not cut short by this budget: reusable
+                _remember(cache, cost_key, found)
         return found
 
-    cost = measured(step, ("cost", key))
-    # "What the unchunked recipe would need" is the generic step (weights formed) on all patches.
+    cost = measured(step, ("cost", key, sizes))
+    # "What the unchunked recipe would need": the generic step (weights formed) on all patches.
+    # Only for plans made to be read (estimate=True): on the fast path it is an extra probe.
+    reference_cost: ChunkCost | None = None
     if isinstance(step, GeneratorStep):
         reference_cost = cost
-    else:
+    elif estimate:
         names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
-        reference_cost = measured(GeneratorStep(generator, names, geom), ("cost", key[:-2], "generic"))
+        reference_cost = measured(GeneratorStep(generator, names, geom), ("cost", key[:-2], sizes, "generic"))
     module = generator if isinstance(generator, nn.Module) else None
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    # one more running sum than a single-chunk probe holds, accumulated in at least float32
+    param_bytes = sum(p.numel() * max(4, p.element_size()) for p in module.parameters()) if module is not None else 0
     fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad)
     f_fwd, f_bwd = sum(fixed_fwd.values()), sum(fixed_bwd.values())
 
@@ -489,9 +515,11 @@ def make_plan(
 
     total = geom.num_patches
     minimum = required(1)
-    unchunked_fwd = f_fwd + reference_cost.forward.at(total)
+    unchunked_fwd = f_fwd + reference_cost.forward.at(total) if reference_cost else None
     unchunked_train = (
-        max(f_fwd, f_bwd) + reference_cost.backward.at(total) if training and reference_cost.backward else None
+        max(f_fwd, f_bwd) + reference_cost.backward.at(total)
+        if reference_cost and training and reference_cost.backward
+        else None
     )
     details = dict(
         cost=cost,
@@ -507,7 +535,7 @@ def make_plan(
             cache, plan_key, replace(base, forward_peak=fwd, backward_peak=bwd, reason="chunk_size given", **details)
         )
 
-    nbytes = parse_budget(budget, device)
+    assert nbytes is not None
     if nbytes < minimum:
         fixed = fixed_bwd if training and f_bwd + cost.backward.at(1) > f_fwd + cost.forward.at(1) else fixed_fwd
         raise BudgetTooSmallError(

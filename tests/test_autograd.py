@@ -123,3 +123,21 @@ def test_unbatched_input_matches_batched(shape):
     x = torch.randn(shape, dtype=torch.float64)
     y = chunkconv.dynamic_conv2d(x, gen, 4, 3, padding=1, chunk_size=4)
     assert y.shape == (*shape[:-3], 4, 5, 7)
+
+
+def test_backward_recompute_leaves_running_statistics_alone():
+    gen = nn.Sequential(nn.Linear(27, 6), nn.BatchNorm1d(6), nn.Linear(6, 4 * 27)).double()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = chunkconv.dynamic_conv2d(x, gen, 4, 3, padding=1, chunk_size=18, allow_batch_coupled=True)
+    after_forward = {k: v.clone() for k, v in gen[1].state_dict().items()}
+    assert after_forward["num_batches_tracked"] == 2
+    y.sum().backward()
+    for k, v in gen[1].state_dict().items():
+        assert torch.equal(v, after_forward[k]), k
+
+
+def test_inference_records_no_graph_even_through_captured_tensors():
+    w = torch.randn(4 * 27, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    y = chunkconv.dynamic_conv2d(x, lambda p: p[:, :1] * w, 4, 3, padding=1, chunk_size=4)
+    assert y.grad_fn is None and not y.requires_grad

@@ -221,3 +221,70 @@ def test_command_line_plan():
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "smallest budget that fits" in bad.stderr
+
+
+def test_plan_cache_follows_changes_to_the_generator():
+    spec = conv_spec(2, in_channels=4, out_channels=4, kernel_size=3, padding=1)
+    gen = nn.Sequential(nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 144))
+    x = torch.randn(1, 4, 64, 64)
+    first = chunkconv.plan(x, gen, 4, 3, padding=1, budget="16MB")
+    gen[0], gen[2] = nn.Linear(36, 2048), nn.Linear(2048, 144)  # same types, much wider
+    second = chunkconv.plan(x, gen, 4, 3, padding=1, budget="16MB")
+    assert second is not first and second.chunk_size < first.chunk_size
+    with MemoryTracker() as fwd:
+        y = chunkconv.dynamic_conv2d(x, gen, 4, 3, padding=1, budget="16MB")
+    with MemoryTracker() as bwd:
+        y.sum().backward()
+    assert fwd.peak <= 16_000_000 and bwd.peak <= 16_000_000
+    del spec
+
+
+def test_first_call_including_its_probes_stays_within_the_budget():
+    # few patches, huge per-patch weights: probing must not outgrow the call it plans for
+    gen = nn.Sequential(nn.Linear(576, 16), nn.ReLU(), nn.Linear(16, 64 * 576))
+    x = torch.randn(1, 64, 16, 16)
+    for path in ("fast", "generic"):
+        with torch.no_grad(), MemoryTracker() as tracker:
+            chunkconv.dynamic_conv2d(x, gen, 64, 3, padding=1, budget="40MB", path=path)
+        assert tracker.peak <= 40_000_000, (path, tracker.peak)
+
+
+def test_malformed_budget_is_refused_before_the_generator_runs():
+    calls = []
+    gen = nn.Linear(6, 6)
+    gen.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    x = torch.randn(1, 2, 20)
+    for bad in ("4 gigs", 1.5):
+        with pytest.raises(ValueError, match="budget"):
+            chunkconv.dynamic_conv1d(x, gen, 1, 3, budget=bad)
+    assert calls == []
+
+
+def test_forward_retry_after_out_of_memory_replays_the_same_random_numbers():
+    drawn = []
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(18, 54).double()
+            self.fail_once = True
+
+        def forward(self, p):
+            noise = torch.rand(p.shape[0], 54, dtype=p.dtype)
+            drawn.append(noise)
+            if self.fail_once and p.shape[0] > 8:
+                self.fail_once = False
+                raise torch.OutOfMemoryError("simulated")
+            return self.inner(p) * noise
+
+    gen = Noisy()
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    chunkconv.execute._oom_warned = False
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=16, path="generic")
+    forward_draws = drawn[1:]  # the failed attempt's draw was rolled back
+    drawn.clear()
+    y.sum().backward()
+    assert len(drawn) == len(forward_draws)
+    for a, b in zip(forward_draws, drawn):
+        assert torch.equal(a, b)
