@@ -5,9 +5,10 @@ The planner never touches the user's input. It works on a
 measurement of the generator: the generator is arbitrary, so instead of
 assuming an MLP the planner runs one real chunk step of the path that will run
 (patch gather, generator, contraction; and the recompute-and-differentiate step
-of backward) on four small probe batches under
-:class:`~chunkconv.memory.MemoryTracker` and models the bytes as the upper
-envelope of the secant lines through them. That measurement is cached per
+of backward) on a few small probe batches under
+:class:`~chunkconv.memory.MemoryTracker`, interpolates the bytes piecewise
+linearly, and measures the chosen chunk size too when it lies beyond the
+probes. That measurement is cached per
 generator and configuration, and plans are cached per input shape, so a
 training loop pays for planning once.
 
@@ -16,7 +17,7 @@ Memory model of one call (see ``docs/memory.md``)::
     forward peak  = output + padded input copy              (fixed)
                   + step_forward(chunk)                      (measured)
     backward peak = padded input + input-gradient buffers
-                  + 1 x generator parameters (running gradient sum)        (fixed)
+                  + 2 x generator parameters (running gradient sums)       (fixed)
                   + step_backward(chunk)                     (measured)
 
 and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget`` (on a CPU it also caps
@@ -65,10 +66,15 @@ SAFETY_FACTOR = 1.10
 _SAFETY_BYTES = {"cpu": 64 * 1024, "cuda": 2 * 2**20}
 # Probe sizes (patches per probe chunk): large enough that per-patch costs dominate, small
 # enough to be cheap. CUDA's allocator rounds small blocks, so probe it larger.
-# The step's bytes are a maximum of linear terms (e.g. the chunk's activations, or the end-of-call
-# gradient chain), so they are measured at four sizes and modelled as the upper envelope of the
-# three secant lines: exact beyond the largest probe, an upper bound between probes.
-_PROBE_ROWS = {"cpu": (16, 64, 256, 1024), "cuda": (128, 512, 2048, 8192)}
+# The step's bytes are not one line (e.g. the end-of-call gradient chain dominates small chunks,
+# the chunk's activations large ones), so they are measured at several sizes and interpolated
+# piecewise linearly; beyond the largest probe the last segment's line holds. The first two
+# probes are tiny, so that probing fits any budget the call itself fits (two rows, not one:
+# a BatchNorm in training mode, if allowed, needs more than one row).
+_PROBE_ROWS = {"cpu": (2, 4, 16, 64, 256, 1024), "cuda": (2, 8, 128, 512, 2048, 8192)}
+# A probe is skipped when this many times the largest cost so far, scaled to its size, would
+# exceed the budget: probing must not allocate more than the call it plans for.
+_PROBE_HEADROOM = 1.5
 # On a CPU, chunks whose working set stays in cache are faster than one huge chunk: when the budget
 # allows more, chunks are capped at this many bytes of per-chunk allocations (GPUs: no cap).
 CPU_CHUNK_BYTES = 64 * 2**20
@@ -83,8 +89,9 @@ def safety_bytes(device: torch.device) -> int:
 class StepCost:
     """Bytes one chunk step allocates above what existed before it, measured at a few sizes.
 
-    ``at(B)`` is the upper envelope of the secant lines through consecutive measurements;
-    ``intercept + per_patch * B`` is the last line, the one that holds for large chunks.
+    ``at(B)`` interpolates the measurements piecewise linearly (and extends the first and last
+    segments); ``intercept + per_patch * B`` is the last segment's line, the one that holds for
+    large chunks.
     """
 
     points: tuple[tuple[int, int], ...]  # (patches, bytes), increasing patches
@@ -105,7 +112,10 @@ class StepCost:
         return max(0, math.ceil(self._lines()[-1][0]))
 
     def at(self, patches: int) -> int:
-        return max(0, math.ceil(max(a + s * patches for a, s in self._lines())))
+        lines = self._lines()
+        segment = sum(1 for r, _ in self.points[1:-1] if patches > r)  # the segment patches falls in
+        a, s = lines[min(segment, len(lines) - 1)]
+        return max(0, math.ceil(a + s * patches))
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,19 @@ def _probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
     )
 
 
+def _merged(a: ChunkCost, b: ChunkCost) -> ChunkCost:
+    """One cost from two sets of measurements of the same step."""
+
+    def points(x: StepCost | None, y: StepCost | None) -> StepCost | None:
+        if x is None or y is None:
+            return None
+        return StepCost(tuple(sorted(dict([*x.points, *y.points]).items())))
+
+    forward = points(a.forward, b.forward)
+    assert forward is not None
+    return ChunkCost(forward, points(a.backward, b.backward), a.method)
+
+
 def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
     """The probe batches for a call of ``num_patches``: never (much) larger than the call itself."""
     sizes = _PROBE_ROWS.get(device.type, _PROBE_ROWS["cuda"])
@@ -313,8 +336,9 @@ def measure_chunk_cost(
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         for rows in sizes or probe_sizes(device, geom.num_patches):
             if limit is not None and len(forward_points) >= 2:
-                predicted = StepCost(tuple(backward_points or forward_points)).at(rows)
-                if predicted > limit:
+                last_rows = forward_points[-1][0]
+                largest = max(c for _, c in (*forward_points, *backward_points))
+                if _PROBE_HEADROOM * largest * rows / last_rows > limit:
                     break
             probe = _probe_geometry(geom, rows)
             x = torch.randn((1, geom.in_channels, *probe.in_spatial), dtype=dtype, device=device)
@@ -390,7 +414,7 @@ def _fixed_costs(
         "padded input": pad_copy,
         "input gradient (padded)": padded if input_grad else 0,
         "input gradient": unpadded if input_grad and geom.is_padded else 0,
-        "gradient accumulator": param_bytes,
+        "gradient accumulators": 2 * param_bytes,
     }
     return forward, backward
 
@@ -498,7 +522,8 @@ def make_plan(
         names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
         reference_cost = measured(GeneratorStep(generator, names, geom), ("cost", key[:-2], sizes, "generic"))
     module = generator if isinstance(generator, nn.Module) else None
-    # one more running sum than a single-chunk probe holds, accumulated in at least float32
+    # over several chunks the previous and the new running sum coexist with a chunk's gradient:
+    # two copies more than a single-chunk probe holds, accumulated in at least float32
     param_bytes = sum(p.numel() * max(4, p.element_size()) for p in module.parameters()) if module is not None else 0
     fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad)
     f_fwd, f_bwd = sum(fixed_fwd.values()), sum(fixed_bwd.values())
@@ -546,23 +571,36 @@ def make_plan(
             budget=nbytes,
             minimum=minimum,
         )
-    lo, hi = 1, total  # largest b with required(b) <= nbytes; required is non-decreasing in b
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if required(mid) <= nbytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    reason = "all patches fit in one chunk" if lo == total else "largest chunks that fit the budget, evened out"
-    if device.type == "cpu":
-        per_patch = max(cost.forward.per_patch, cost.backward.per_patch if training and cost.backward else 0.0)
-        cap = max(1, int(CPU_CHUNK_BYTES // max(per_patch, 1.0)))
-        if lo > cap:
-            lo, reason = cap, f"capped at {format_bytes(CPU_CHUNK_BYTES)} per chunk: faster in a CPU's caches"
-    chunks = math.ceil(total / lo)
-    size = math.ceil(total / chunks)  # same number of chunks, evenly sized: a lower peak
+    def choose() -> tuple[int, str]:
+        lo, hi = 1, total  # largest b with required(b) <= nbytes; required is non-decreasing in b
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if required(mid) <= nbytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        why = "all patches fit in one chunk" if lo == total else "largest chunks that fit the budget, evened out"
+        if device.type == "cpu":
+            per_patch = max(cost.forward.per_patch, cost.backward.per_patch if training and cost.backward else 0.0)
+            cap = max(1, int(CPU_CHUNK_BYTES // max(per_patch, 1.0)))
+            if lo > cap:
+                lo, why = cap, f"capped at {format_bytes(CPU_CHUNK_BYTES)} per chunk: faster in a CPU's caches"
+        chunks = math.ceil(total / lo)
+        return math.ceil(total / chunks), why  # same number of chunks, evenly sized: a lower peak
+
+    size, reason = choose()
+    for _ in range(2):  # a chunk beyond the largest probe is measured too, then the choice redone
+        if size <= cost.forward.points[-1][0]:
+            break
+        extra = measure_chunk_cost(
+            step, generator, geom, dtype=dtype, out_dtype=out_dtype, device=device,
+            training=training, input_grad=input_grad, sizes=(size,),
+        )  # fmt: skip
+        cost = _remember(cache, ("cost", key, sizes), _merged(cost, extra))
+        size, reason = choose()
     fwd, bwd = peaks(size)
     plan = replace(
-        base, chunk_size=size, budget=nbytes, forward_peak=fwd, backward_peak=bwd, reason=reason, **details
-    )
+        base, chunk_size=size, budget=nbytes, forward_peak=fwd, backward_peak=bwd, reason=reason,
+        **{**details, "cost": cost},
+    )  # fmt: skip
     return _remember(cache, plan_key, plan)

@@ -89,8 +89,12 @@ def _ddp_budget(x, shard):
     model = _make(None)
     want = _reference_grads(model, x)
     plan = model.dyn.plan(shard.shape)
-    per_patch = max(plan.cost.forward.per_patch, plan.cost.backward.per_patch)
-    model.dyn.budget = int(plan.minimum_budget + 1.1 * 8 * per_patch)  # about 8 patches per chunk
+    budget = plan.minimum_budget
+    while True:  # the smallest budget (in 0.5% steps) that allows about 6 patches per chunk
+        model.dyn.budget = int(budget)
+        if model.dyn.plan(shard.shape).chunk_size >= 6:
+            break
+        budget *= 1.005
     chunks = model.dyn.plan(shard.shape).num_chunks
     if chunks < 5:
         return f"the budget gave only {chunks} chunks"

@@ -388,3 +388,10 @@ def test_benchmark_scripts_run_on_tiny_sizes(capsys, monkeypatch):
     assert set(med) == {"fast", "generic"}
     out = capsys.readouterr().out
     assert "speedup vs einsum" in out and "fast / generic:" in out
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_budget_check_script_reports_peaks_within_the_budget(path, capsys, monkeypatch):
+    result = _load_script("budget_check", monkeypatch).main(["--size", "24", "--budget", "4MB", "--path", path])
+    assert max(result["forward_peak"], result["backward_peak"]) <= result["budget"] == 4_000_000
+    assert ": within" in capsys.readouterr().out

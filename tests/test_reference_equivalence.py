@@ -33,10 +33,11 @@ def _module(case: ConvCase, generator, chunk_size=None) -> chunkconv.DynamicConv
     return conv
 
 
-@given(case=conv_cases())
-def test_matches_reference_forward_and_gradients(case: ConvCase):
+@given(case=conv_cases(), path=st.sampled_from(["generic", "fast"]))
+def test_matches_reference_forward_and_gradients(case: ConvCase, path: str):
     gen = mlp_generator(case.spec)
     conv = _module(case, gen)
+    conv.path = path
     x = torch.randn(case.input_shape, dtype=torch.float64, requires_grad=True)
     wrt = [*gen.parameters()] + ([conv.bias] if conv.bias is not None else [])
 
