@@ -59,7 +59,7 @@ __all__ = [
 Generator = Callable[[Tensor], Tensor]
 
 # The plan keeps SAFETY_FACTOR * estimated peak + safety_bytes(device) within the budget. The
-# factor covers what the linear fit cannot see exactly (a BLAS picking another kernel at a larger
+# factor covers what interpolation cannot see exactly (a BLAS picking another kernel at a larger
 # size, index temporaries); the additive part covers allocator rounding: CUDA's caching allocator
 # rounds every block up to 512 bytes and its statistics count the rounded sizes.
 SAFETY_FACTOR = 1.10
