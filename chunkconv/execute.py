@@ -2,9 +2,11 @@
 
 The executor owns the tensor work: padding the input once, gathering the
 patches of a chunk straight from a strided view of the padded input (the whole
-unfold never exists), running the generator on them, contracting each patch
-with its own weight, and, in backward, recomputing each chunk and scattering
-its patch gradients back. Chunks are ranges of the flat ``N * L`` patch index,
+unfold never exists), running the path's chunk arithmetic on them (a
+:class:`ChunkStep`: :class:`GeneratorStep` here, the generator making every
+patch's weight; the fast path's in :mod:`.fast_execute`), writing the rows of
+the output, and, in backward, recomputing each chunk and scattering its patch
+gradients back. Chunks are ranges of the flat ``N * L`` patch index,
 so a chunk may span several images and no size has to divide another.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +34,6 @@ __all__ = [
     "backward_chunks",
     "bind_parameters",
     "buffer_copies",
-    "chunk_ranges",
     "contract",
     "forward_chunks",
     "gather_patches",
@@ -41,12 +42,6 @@ __all__ = [
 ]
 
 Generator = Callable[[Tensor], Tensor]
-
-
-def chunk_ranges(total: int, chunk_size: int) -> Iterator[tuple[int, int]]:
-    """``[start, end)`` ranges covering ``range(total)`` in steps of ``chunk_size``."""
-    for start in range(0, total, chunk_size):
-        yield start, min(start + chunk_size, total)
 
 
 def pad_input(x: Tensor, geom: ConvGeometry) -> Tensor:
