@@ -22,7 +22,7 @@ from .errors import BatchCoupledGeneratorError
 from .execute import ChunkStep, GeneratorStep, forward_chunks
 from .fast_execute import LinearTailStep
 from .fastpath import choose_path
-from .geometry import ConvGeometry, ConvSpec, conv_spec
+from .geometry import ConvGeometry, ConvSpec, conv_spec_for_input
 from .planner import Plan, make_plan
 
 __all__ = [
@@ -318,37 +318,6 @@ def plan_spec(
     return call.plan
 
 
-def _spec_for(
-    shape: Sequence[int],
-    ndim: int | None,
-    out_channels: int,
-    kernel_size: int | Sequence[int],
-    stride: int | Sequence[int],
-    padding: int | Sequence[int] | str,
-    dilation: int | Sequence[int],
-    groups: int,
-    padding_mode: str,
-    op: str,
-) -> ConvSpec:
-    """The spec of a functional call; ``in_channels`` is read off the input's shape."""
-    d = ndim if ndim is not None else (len(kernel_size) if isinstance(kernel_size, Sequence) else 2)
-    if len(shape) not in (d + 1, d + 2):
-        raise ValueError(
-            f"Expected {d + 1}-D (unbatched) or {d + 2}-D (batched) input to {op}, got input of shape {tuple(shape)}."
-        )
-    return conv_spec(
-        d,
-        in_channels=int(shape[0 if len(shape) == d + 1 else 1]),
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-    )
-
-
 _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``generator`` makes from its patch.
 
     Args:
@@ -403,7 +372,7 @@ def _functional(ndim: int | None, op: str):
     ) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
-        spec = _spec_for(
+        spec = conv_spec_for_input(
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
         return apply_spec(
@@ -480,7 +449,9 @@ def plan(
 
     """
     shape = input.shape if isinstance(input, Tensor) else tuple(input)
-    spec = _spec_for(shape, None, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "plan")
+    spec = conv_spec_for_input(
+        shape, None, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "plan"
+    )
     return plan_spec(
         input,
         generator,

@@ -18,6 +18,7 @@ __all__ = [
     "check_ntuple",
     "conv_geometry",
     "conv_spec",
+    "conv_spec_for_input",
     "output_size",
 ]
 
@@ -321,6 +322,41 @@ def conv_spec(
         stride=strides,
         padding=pad,
         dilation=dilations,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+
+
+def conv_spec_for_input(
+    shape: Sequence[int],
+    ndim: int | None,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+    groups: int,
+    padding_mode: str,
+    op: str,
+) -> ConvSpec:
+    """The spec of a functional call: ``in_channels`` is read off the input's shape.
+
+    ``ndim`` ``None`` takes the number of spatial dims from ``kernel_size`` (an int means 2-D);
+    ``op`` names the caller in the error for an input of the wrong number of dims.
+    """
+    d = ndim if ndim is not None else (len(kernel_size) if isinstance(kernel_size, Sequence) else 2)
+    if len(shape) not in (d + 1, d + 2):
+        raise ValueError(
+            f"Expected {d + 1}-D (unbatched) or {d + 2}-D (batched) input to {op}, got input of shape {tuple(shape)}."
+        )
+    return conv_spec(
+        d,
+        in_channels=int(shape[0 if len(shape) == d + 1 else 1]),
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
     )

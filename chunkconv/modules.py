@@ -135,18 +135,14 @@ class DynamicConv(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return apply_spec(
-            input,
-            self.generator,
-            self.spec,
-            self.bias,
-            budget=self.budget,
-            chunk_size=self.chunk_size,
-            allow_batch_coupled=self.allow_batch_coupled,
-            path=self.path,
-            op=type(self).__name__,
+    def _options(self) -> dict:
+        """The call options a forward and a plan share (attributes, so they may change between calls)."""
+        return dict(
+            budget=self.budget, chunk_size=self.chunk_size, allow_batch_coupled=self.allow_batch_coupled, path=self.path
         )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return apply_spec(input, self.generator, self.spec, self.bias, **self._options(), op=type(self).__name__)
 
     def plan(
         self,
@@ -176,10 +172,7 @@ class DynamicConv(nn.Module):
             self.generator,
             self.spec,
             self.bias,
-            budget=self.budget,
-            chunk_size=self.chunk_size,
-            allow_batch_coupled=self.allow_batch_coupled,
-            path=self.path,
+            **self._options(),
             training=training,
             dtype=dtype,
             device=device,

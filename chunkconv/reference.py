@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .execute import pad_input
-from .geometry import ConvGeometry, conv_spec
+from .geometry import ConvGeometry, conv_spec_for_input
 
 __all__ = ["dynamic_conv_reference", "unfold_patches"]
 
@@ -65,20 +65,10 @@ def dynamic_conv_reference(
     ``in_channels`` is read off the input.
 
     """
-    if ndim is None:
-        ndim = len(kernel_size) if isinstance(kernel_size, Sequence) else 2
-    unbatched = input.dim() == ndim + 1
-    spec = conv_spec(
-        ndim,
-        in_channels=input.shape[0 if unbatched else 1],
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
+    spec = conv_spec_for_input(
+        input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "the reference"
     )
+    unbatched = input.dim() == spec.ndim + 1
     x = input.unsqueeze(0) if unbatched else input
     geom = spec.geometry(x.shape)
     patches = unfold_patches(pad_input(x, geom), geom)  # (N*L, C*K)

@@ -20,6 +20,7 @@ from .geometry import PADDING_MODES, ConvSpec, conv_spec
 
 __all__ = [
     "ConvCase",
+    "RecordingDropout",
     "assert_matches_reference",
     "conv_cases",
     "mlp_generator",
@@ -43,6 +44,28 @@ def mlp_generator(
     return nn.Sequential(nn.Linear(patch, hidden), activation(), nn.Linear(hidden, weight)).to(
         device=device, dtype=dtype
     )
+
+
+class RecordingDropout(nn.Module):
+    """Dropout that records every mask it draws, or applies ``fixed`` masks instead.
+
+    For checking that recomputation in backward draws the masks forward drew: compare
+    ``masks`` after forward with ``masks`` after backward, or set ``fixed`` to the forward's
+    masks (concatenated) to build the function whose gradient backward must have computed.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+        self.masks: list[Tensor] = []
+        self.fixed: Tensor | None = None
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.fixed is not None:
+            return h * self.fixed / (1 - self.p)
+        mask = (torch.rand_like(h) > self.p).to(h.dtype)
+        self.masks.append(mask)
+        return h * mask / (1 - self.p)
 
 
 @dataclass(frozen=True)

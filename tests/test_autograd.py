@@ -6,26 +6,11 @@ from torch import nn
 
 import chunkconv
 from chunkconv.geometry import conv_spec
-from chunkconv.testing import mlp_generator
+from chunkconv.testing import RecordingDropout, mlp_generator
 
 SPEC = conv_spec(2, in_channels=3, out_channels=4, kernel_size=3, padding=1)
 
 
-class RecordingDropout(nn.Module):
-    """Dropout that remembers every mask it drew, or replays fixed masks."""
-
-    def __init__(self, p=0.5):
-        super().__init__()
-        self.p = p
-        self.masks = []
-        self.fixed = None
-
-    def forward(self, h):
-        if self.fixed is not None:
-            return h * self.fixed / (1 - self.p)
-        mask = (torch.rand_like(h) > self.p).to(h.dtype)
-        self.masks.append(mask)
-        return h * mask / (1 - self.p)
 
 
 def _dropout_generator():

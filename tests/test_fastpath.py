@@ -16,7 +16,7 @@ from chunkconv.fast_execute import LinearTailStep
 from chunkconv.fastpath import choose_order, choose_path, contraction_costs, fast_path_bytes_per_patch
 from chunkconv.functional import plan_spec
 from chunkconv.geometry import conv_spec
-from chunkconv.testing import assert_matches_reference, conv_cases, mlp_generator
+from chunkconv.testing import RecordingDropout, assert_matches_reference, conv_cases, mlp_generator
 
 F64 = torch.float64
 ORDERS = ("weights", "patch_first", "hidden_first")
@@ -273,17 +273,6 @@ def test_bytes_per_patch_for_the_planner():
 # ---------------------------------------------------------------- autograd discipline
 
 
-class RecordingDropout(nn.Module):
-    def __init__(self, p=0.5):
-        super().__init__()
-        self.p, self.masks, self.fixed = p, [], None
-
-    def forward(self, h):
-        if self.fixed is not None:
-            return h * self.fixed / (1 - self.p)
-        mask = (torch.rand_like(h) > self.p).to(h.dtype)
-        self.masks.append(mask)
-        return h * mask / (1 - self.p)
 
 
 def test_dropout_in_the_body_is_replayed_and_matches_the_generic_path():
