@@ -122,6 +122,11 @@ def prepare_tail(weight: Tensor, bias: Tensor | None, geom: ConvGeometry, order:
     takes ``(G, Pg, Og * H)``, ``"hidden_first"`` ``(G, H * Pg, Og)``; the bias term takes ``c`` as
     ``(G, Pg, Og)``. ``"weights"`` and ``"triton"`` take ``W`` and ``c`` as they are.
     """
+    if order == "triton" and torch.is_autocast_enabled(weight.device.type):
+        # the kernels are no autocast op: cast W and c once per call here (triton_contract
+        # casts each chunk's patches and h; W and c then already have the dtype)
+        dtype = torch.get_autocast_dtype(weight.device.type)
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
     if order in ("weights", "triton"):
         return weight, bias
     g = geom.groups
