@@ -12,7 +12,7 @@ from .budget import parse_budget
 from .fastpath import PATHS
 from .functional import Budget, apply_spec, plan_spec
 from .geometry import conv_spec
-from .planner import Plan
+from .planner import Plan, check_chunk_size
 
 __all__ = ["DynamicConv", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
@@ -100,9 +100,7 @@ class DynamicConv(nn.Module):
             padding_mode=padding_mode,
         )
         self.generator = generator
-        bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        if chunk_size is not None and bad_chunk:
-            raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
+        check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         # Refuse a malformed budget now, not at the first forward. Only its form is checked, against
         # the CPU: the layer may be built on "meta" (deferred init), whose free memory is unknown.

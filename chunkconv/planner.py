@@ -50,6 +50,7 @@ __all__ = [
     "ChunkCost",
     "Plan",
     "StepCost",
+    "check_chunk_size",
     "make_plan",
     "measure_chunk_cost",
     "probe_sizes",
@@ -78,6 +79,12 @@ _PROBE_HEADROOM = 1.5
 # On a CPU, chunks whose working set stays in cache are faster than one huge chunk: when the budget
 # allows more, chunks are capped at this many bytes of per-chunk allocations (GPUs: no cap).
 CPU_CHUNK_BYTES = 64 * 2**20
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """Refuse a ``chunk_size`` that is neither ``None`` nor an int >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
 
 
 def safety_bytes(device: torch.device) -> int:
@@ -459,8 +466,7 @@ def make_plan(
     if step is None:
         names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
         step = GeneratorStep(generator, names, geom)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1, got {chunk_size=}.")
+    check_chunk_size(chunk_size)
     budget_spec = repr(budget)
     cache = _cache_for(generator)
     key = (
