@@ -10,6 +10,7 @@ hooks and DDP see them as ordinary leaves.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,24 +57,11 @@ class _ReplayState:
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            with _autocast_stack(self.autocast, self.autocast_cache):
+            with contextlib.ExitStack() as stack:
+                cache = self.autocast_cache
+                for kind, (enabled, dtype) in self.autocast.items():
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache))
                 return fn()
-
-
-class _autocast_stack:
-    def __init__(self, states: dict[str, tuple[bool, torch.dtype]], cache: bool) -> None:
-        self.contexts = [
-            torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
-            for kind, (enabled, dtype) in states.items()
-        ]
-
-    def __enter__(self) -> None:
-        for ctx in self.contexts:
-            ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for ctx in reversed(self.contexts):
-            ctx.__exit__(*exc)
 
 
 class DynamicConvFunction(torch.autograd.Function):
