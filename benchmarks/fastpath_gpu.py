@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's chunkconv, not an installed one
 import chunkconv  # noqa: E402
+from benchmarks.measure import set_tf32  # noqa: E402
 from chunkconv.fastpath import fast_path_bytes_per_patch  # noqa: E402
 from chunkconv.geometry import conv_spec  # noqa: E402
 from chunkconv.memory import MemoryTracker  # noqa: E402
@@ -173,8 +174,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, to check the script itself")
     args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    set_tf32(args.tf32)
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     today = datetime.date.today()
     print(f"chunkconv fast path benchmark, {card}, torch {torch.__version__}, {today}, tf32={args.tf32}")

@@ -55,6 +55,19 @@ class Case:
         return f"{self.workload.name} {self.mode} {self.dtype} {self.method.label}"
 
 
+def set_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 for float32 CUDA matmuls and convolutions, through torch's newer
+    ``fp32_precision`` flags where they exist: mixing them with the legacy ``allow_tf32`` makes
+    torch raise when either is read."""
+    precision = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether an exception means an allocation failed (CPU address-space limit or CUDA OOM)."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":

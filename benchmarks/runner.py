@@ -25,9 +25,10 @@ import torch
 
 import chunkconv
 from chunkconv.budget import format_bytes
+from chunkconv.kernels import tf32_allowed
 
 from .isolation import IsolatedWorker
-from .measure import Case, run_case
+from .measure import Case, run_case, set_tf32
 from .methods import Method, chunkconv_supports, default_methods
 from .workloads import MODES, Workload, anchors, smoke, sweep
 
@@ -139,7 +140,7 @@ def machine_info(device: str) -> dict:
             gpu_memory_bytes=props.total_memory,
             gpu_capability=f"{props.major}.{props.minor}",
             cuda=torch.version.cuda,
-            tf32=torch.backends.cuda.matmul.allow_tf32,
+            tf32=tf32_allowed(),
         )
     return info
 
@@ -162,8 +163,7 @@ def run(settings: Settings, out: Path, *, log: Callable[[str], None] = print) ->
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False.")
         # ANCHORS.md's fp32 numbers are with TF32 off.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        set_tf32(False)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     limit = settings.memory_limit or _default_limit(settings.device)

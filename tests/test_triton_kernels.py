@@ -7,6 +7,7 @@ a subprocess with it set, where the ``interp`` tests run on CPU tensors with tin
 Triton 3.9's interpreter gets ``tl.dot`` on bfloat16 wrong, so bfloat16 is checked on CUDA only.
 """
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -132,6 +133,17 @@ def test_interp_dynamic_conv_uses_the_kernels(kind, groups):
 
 
 @interp
+def test_interp_long_chunks_launch_in_blocks(monkeypatch):
+    # offsets are 32-bit in the kernels: a chunk past 2**31 elements runs as several launches
+    from chunkconv.kernels import contract
+
+    monkeypatch.setattr(contract, "MAX_LAUNCH_ELEMENTS", 7 * 40)  # h is (17, 40): blocks of 7 rows
+    blocks = contract._row_blocks(torch.zeros(17, 18), torch.zeros(17, 40), torch.zeros(17, 3))
+    assert [(r.start, r.stop) for r in blocks] == [(0, 7), (7, 14), (14, 17)]
+    _check_contract("cpu", torch.float64, (1, 2, 3, 40, 3, 17), True)  # all four kernels, three launches each
+
+
+@interp
 def test_interp_empty_chunk():
     from chunkconv.kernels.contract import contract_backward, contract_forward
 
@@ -161,19 +173,79 @@ def test_fallback_reasons():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_contract(shape, dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    _check_contract("cuda", dtype, shape, True)
+    with _tf32(False):
+        _check_contract("cuda", dtype, shape, True)
 
 
 @cuda
 @compiled
 def test_cuda_contract_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with _tf32(True):
         _check_contract("cuda", torch.float32, SHAPES[0], True, tol=TOL[torch.float16])  # TF32: fp16's mantissa
+
+
+@cuda
+@compiled
+def test_cuda_autotuning_stays_inside_the_budget(monkeypatch, tmp_path):
+    # Triton's default benchmark allocates 256 MB to flush L2: ours allocates nothing, and tunes
+    # per power of two of the chunk length, so a planner probe of 2 rows does not pick the tiles
+    from chunkconv.kernels import contract
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # tune now, not from an earlier run's cache
+    geom = conv_spec(2, in_channels=3, out_channels=5, kernel_size=3).geometry((1, 3, 8, 8))  # a key no other test uses
+    w = torch.randn(5 * 27, 7, device="cuda")
+    for rows in (2, 5000):
+        x, h = torch.randn(rows, 27, device="cuda"), torch.randn(rows, 7, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = contract.contract_forward(x, h, w, None, geom)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base <= y.numel() * 4 + 2**20
+        assert len(contract._fwd.configs_timings) > 1  # it did benchmark configs
+    buckets = {k[3] for k in contract._fwd.cache if k[:3] == (27, 7, 5)}
+    assert buckets == {contract.rows_bucket(2), contract.rows_bucket(5000)}
+
+
+def test_rows_bucket():
+    pytest.importorskip("triton")
+    from chunkconv.kernels.contract import rows_bucket
+
+    assert [rows_bucket(n) for n in (1, 2, 3, 4, 5, 1024, 1025, 2**17, 2**30)] == [1, 1, 2, 2, 3, 10, 11, 17, 17]
+
+
+@contextlib.contextmanager
+def _tf32(enabled):
+    matmul = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "tf32" if enabled else "ieee")  # torch >= 2.9
+    if not hasattr(matmul, name):
+        name, value = "allow_tf32", enabled
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(matmul, name, old)
+
+
+_TF32_SCRIPT = """
+import torch
+from chunkconv.kernels import tf32_allowed
+m = torch.backends.cuda.matmul
+seen = [tf32_allowed()]
+torch.set_float32_matmul_precision("high"); seen.append(tf32_allowed())      # legacy API
+m.allow_tf32 = False; seen.append(tf32_allowed())                            # legacy API
+m.fp32_precision = "tf32"; seen.append(tf32_allowed())                       # new API: allow_tf32 now raises
+m.fp32_precision = "ieee"; torch.backends.fp32_precision = "tf32"; seen.append(tf32_allowed())
+print(seen)
+"""
+
+
+def test_tf32_follows_torchs_flags_old_and_new():
+    # process-wide flags, and mixing the APIs makes torch raise on reads: a fresh process
+    done = subprocess.run([sys.executable, "-c", _TF32_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[False, True, False, True, False]"
 
 
 @cuda
@@ -184,33 +256,25 @@ def test_cuda_dynamic_conv_uses_the_kernels(kind, groups, dtype):
     _check_conv("cuda", dtype, kind, groups)
 
 
-_PTRS = {
-    "_fwd_kernel": ("x_ptr", "h_ptr", "w_ptr", "init_ptr", "y_ptr"),
-    "_bwd_h_kernel": ("x_ptr", "gy_ptr", "w_ptr", "gh_ptr"),
-    "_bwd_x_kernel": ("gy_ptr", "h_ptr", "w_ptr", "init_ptr", "gx_ptr"),
-    "_bwd_w_kernel": ("x_ptr", "gy_ptr", "h_ptr", "gw_ptr"),
-}
-
-
 @pytest.mark.slow
 @compiled
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("fp32", "tf32")])
-def test_kernels_compile_for_sm90(dtype, precision):
-    """Lower every kernel to an sm_90 cubin (Triton's bundled ptxas; no GPU needed): catches what the
-    interpreter cannot, such as layout conversions of the reshaped accumulators."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_the_gpu(arch):
+    """Lower every kernel to a cubin for H100 (sm_90) and A100 (sm_80) with Triton's bundled ptxas,
+    no GPU needed: catches what the interpreter cannot (layouts of the reshaped accumulators,
+    operand shapes of tensor-core dots, shared memory). ``benchmarks/kernel_compile.py`` does this
+    for every autotuned config and prints registers, spills and shared memory."""
+    from benchmarks.kernel_compile import compiler_available, jobs_for, run_job
 
-    from chunkconv.kernels import contract
-
-    const = dict(HP=32, ACC=tl.float32, PRECISION=precision, BB=64, BP=32, BN=256)
-    for name, ptrs in _PTRS.items():
-        fn = getattr(contract, name)
-        consts = {**const, **({"HAS_INIT": True} if "init_ptr" in ptrs else {})}
-        signature = {a: "constexpr" if a in consts else (f"*{dtype}" if a in ptrs else "i32") for a in fn.arg_names}
-        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compiled_kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled_kernel.asm["cubin"], name
+    if why := compiler_available():
+        pytest.skip(why)
+    jobs = jobs_for([arch], ["B"], ["bfloat16", "tf32", "float32"], every_config=False)
+    results = [run_job(job) for job in jobs]
+    assert len(results) == 12
+    problems = [f"{r.job.kernel} {r.job.dtype}: {p}" for r in results for p in r.problems]
+    assert not problems, problems
+    assert all(r.tensor_op != "none" for r in results if r.job.dtype != "float32")  # bf16, TF32: tensor cores
+    if arch == 90:  # the autotuner's 64-row tiles reach Hopper's warpgroup MMA
+        wide = next(j for j in jobs_for([90], ["B"], ["bfloat16"], ["fwd"]) if j.config["BB"] >= 64)
+        assert run_job(wide).tensor_op == "wgmma"

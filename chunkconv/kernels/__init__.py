@@ -5,10 +5,10 @@ dtype alone, why the kernels cannot run (``None`` when they can); the fast path 
 to its PyTorch contraction and logs the reason on CUDA (once per reason, on the ``chunkconv``
 logger). :func:`triton_contract` imports :mod:`.contract` (and Triton) on first use.
 
-The kernels run on CUDA for float32 (TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set),
-float16 and bfloat16. With ``TRITON_INTERPRET=1`` in the environment *before Triton is first
-imported*, they also run on CPU tensors in Triton's interpreter (float64 too): that is how the
-tests check them without a GPU. ``CHUNKCONV_TRITON=0`` turns them off.
+The kernels run on CUDA for float32 (TF32 when torch's flags allow it for CUDA matmuls: see
+:func:`tf32_allowed`), float16 and bfloat16. With ``TRITON_INTERPRET=1`` in the environment
+*before Triton is first imported*, they also run on CPU tensors in Triton's interpreter (float64
+too): that is how the tests check them without a GPU. ``CHUNKCONV_TRITON=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..geometry import ConvGeometry
 
-__all__ = ["interpreting", "triton_contract", "triton_unavailable"]
+__all__ = ["interpreting", "tf32_allowed", "triton_contract", "triton_unavailable"]
 
 _log = logging.getLogger("chunkconv")
 _logged: set[str] = set()
@@ -32,6 +32,20 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def interpreting() -> bool:
     """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32, as cuBLAS would.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9), which reflects both the new
+    API and the legacy ones (``allow_tf32``, ``torch.set_float32_matmul_precision``); reading
+    ``allow_tf32`` itself raises once a user has set the new API.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)  # torch < 2.9
 
 
 # Hidden widths up to this run in the kernels (their widest tile; see contract.MAX_HIDDEN_TILE).

@@ -20,7 +20,10 @@ kernels are the same tile arithmetic turned around, with ``gT = gy (x) h`` forme
 The bias terms (``x . c`` and its gradients, ``O * Pg`` FLOPs per patch against the main
 ``O * Pg * H``) run as PyTorch einsums; the forward and ``gx`` kernels add them in their epilogue
 (``INIT``), so nothing is read-modify-written and autotuning may rerun a kernel safely.
-Tile sizes are autotuned on CUDA (keyed on ``Pg, H, Og``); the interpreter runs one small config.
+Tile sizes are autotuned on CUDA, keyed on ``Pg, H, Og``, the dtypes and the chunk length's power
+of two (:func:`rows_bucket`), timed by :func:`time_config` (no extra memory) and cached on disk by
+Triton; the interpreter runs one small config. Offsets are 32-bit: chunks longer than that allows
+are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import ConvGeometry
-from . import interpreting
+from . import interpreting, tf32_allowed
 
 __all__ = ["MAX_HIDDEN_TILE", "TritonContract", "contract_backward", "contract_forward"]
 
@@ -59,12 +62,47 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BN"] in widths] or [configs[0]]
 
 
+def rows_bucket(rows: int) -> int:
+    """The autotuner's key for a chunk's length: log2 of the rows, capped at 2**17.
+
+    2**17 rows are enough patch tiles to fill any GPU. The planner's probes of a few rows tune for
+    themselves, not for the million-row chunks that follow.
+    """
+    return min(max(rows - 1, 1).bit_length(), 17)
+
+
+def time_config(kernel_call, quantiles=None):
+    """The autotuner's benchmark: one warm-up, then three timed runs on the call's own tensors.
+
+    Triton's default (``triton.testing.do_bench``) allocates a 256 MB buffer to flush L2 between
+    runs and runs each config for about 125 ms: memory outside the budget the user gave the call,
+    and seconds of tuning per chunk length. Chunks are large enough that L2 is no concern.
+    """
+    kernel_call()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    if quantiles is None:
+        return times[1]
+    return [times[round(q * (len(times) - 1))] for q in quantiles]
+
+
 def _tuned(fn):
     if interpreting():
         return fn
-    return triton.autotune(configs=_configs(), key=["Pg", "H", "Og"], prune_configs_by={"early_config_prune": _prune})(
-        fn
-    )
+    return triton.autotune(
+        configs=_configs(),
+        key=["Pg", "H", "Og", "rows_bucket"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=time_config,
+        cache_results=True,  # tuned once per machine (Triton's cache, keyed on the GPU's architecture)
+    )(fn)
 
 
 @triton.jit
@@ -79,9 +117,9 @@ def _t_tile(x_rows, b_ok, w_cols, n_ok, Pg, H, acc, BP: tl.constexpr, PRECISION:
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])
 def _fwd_kernel(
-    x_ptr, h_ptr, w_ptr, init_ptr, y_ptr, B, Pg, H, Og, sx, sh, sy,
+    x_ptr, h_ptr, w_ptr, init_ptr, y_ptr, B, Pg, H, Og, sx, sh, sy, rows_bucket,
     HP: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
@@ -108,9 +146,9 @@ def _fwd_kernel(
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])
 def _bwd_h_kernel(
-    x_ptr, gy_ptr, w_ptr, gh_ptr, B, Pg, H, Og, G, sx, sgy, sgh,
+    x_ptr, gy_ptr, w_ptr, gh_ptr, B, Pg, H, Og, G, sx, sgy, sgh, rows_bucket,
     HP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
@@ -152,9 +190,9 @@ def _gt_tile(
     return tl.reshape(gyt.to(ACC)[:, :, None] * ht.to(ACC)[:, None, :], (BB, BO * HP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])
 def _bwd_x_kernel(
-    gy_ptr, h_ptr, w_ptr, init_ptr, gx_ptr, B, Pg, H, Og, sgy, sh, sgx,
+    gy_ptr, h_ptr, w_ptr, init_ptr, gx_ptr, B, Pg, H, Og, sgy, sh, sgx, rows_bucket,
     HP: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
@@ -182,9 +220,9 @@ def _bwd_x_kernel(
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])
 def _bwd_w_kernel(
-    x_ptr, gy_ptr, h_ptr, gw_ptr, B, Pg, H, Og, sx, sgy, sh, slice_stride,
+    x_ptr, gy_ptr, h_ptr, gw_ptr, B, Pg, H, Og, sx, sgy, sh, slice_stride, rows_bucket,
     HP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
@@ -220,11 +258,23 @@ def _common(x: Tensor, weight: Tensor, geom: ConvGeometry) -> dict:
     h_features = weight.shape[1]
     hp = triton.next_power_of_2(max(h_features, 1))
     interp = interpreting()
-    precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda and tf32_allowed()) else "ieee"
     meta = {"HP": hp, "ACC": tl.float64 if x.dtype == torch.float64 else tl.float32, "PRECISION": precision}
     if interp:  # one small config; the interpreter has no autotuner benchmark
         meta.update(BB=16, BP=16, BN=max(16, hp))
     return meta
+
+
+# The kernels compute offsets in 32 bits: one launch covers at most this many elements of any of
+# its row-major (rows, width) operands, and longer chunks are launched in blocks of rows.
+MAX_LAUNCH_ELEMENTS = 2**31 - 1
+
+
+def _row_blocks(*operands: Tensor) -> list[slice]:
+    """Slices of the rows, each small enough that ``row * stride`` fits 32 bits in every operand."""
+    rows = operands[0].shape[0]
+    step = max(1, MAX_LAUNCH_ELEMENTS // max(max(t.stride(0), t.shape[1]) for t in operands))
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def _grid(*dims):
@@ -247,11 +297,13 @@ def contract_forward(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, 
     if bias is not None:
         init = torch.einsum("bgp,gop->bgo", x.view(rows, g, pg), bias.view(g, og, pg)).reshape(rows, -1)
     meta = _common(x, weight, geom)
-    grid = _grid(lambda m: triton.cdiv(rows, m["BB"]), lambda m: g * triton.cdiv(og, m["BN"] // m["HP"]))
-    _fwd[grid](
-        x, h, weight, init if init is not None else y, y, rows, pg, weight.shape[1], og,
-        x.stride(0), h.stride(0), y.stride(0), HAS_INIT=init is not None, **meta,
-    )  # fmt: skip
+    for r in _row_blocks(x, h, y):
+        n = r.stop - r.start
+        grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]), lambda m: g * triton.cdiv(og, m["BN"] // m["HP"]))
+        _fwd[grid](
+            x[r], h[r], weight, init[r] if init is not None else y[r], y[r], n, pg, weight.shape[1], og,
+            x.stride(0), h.stride(0), y.stride(0), rows_bucket(n), HAS_INIT=init is not None, **meta,
+        )  # fmt: skip
     return y
 
 
@@ -270,29 +322,42 @@ def contract_backward(
         init = None
         if bias is not None:
             init = torch.einsum("bgo,gop->bgp", gy.view(rows, g, og), bias.view(g, og, pg)).reshape(rows, -1)
-        grid = _grid(lambda m: triton.cdiv(rows, m["BB"]), lambda m: g * triton.cdiv(pg, m["BP"]))
-        _bwd_x[grid](
-            gy, h, weight, init if init is not None else gx, gx, rows, pg, hidden, og,
-            gy.stride(0), h.stride(0), gx.stride(0), HAS_INIT=init is not None, **meta,
-        )  # fmt: skip
+        for r in _row_blocks(x, h, gy):
+            n = r.stop - r.start
+            grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]), lambda m: g * triton.cdiv(pg, m["BP"]))
+            _bwd_x[grid](
+                gy[r], h[r], weight, init[r] if init is not None else gx[r], gx[r], n, pg, hidden, og,
+                gy.stride(0), h.stride(0), gx.stride(0), rows_bucket(n), HAS_INIT=init is not None, **meta,
+            )  # fmt: skip
     if needs[1]:
         gh = torch.empty(rows, hidden, dtype=torch.promote_types(h.dtype, torch.float32), device=x.device)
-        grid = _grid(lambda m: triton.cdiv(rows, m["BB"]))
-        _bwd_h[grid](x, gy, weight, gh, rows, pg, hidden, og, g, x.stride(0), gy.stride(0), gh.stride(0), **meta)
+        for r in _row_blocks(x, h, gy):
+            n = r.stop - r.start
+            grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]))
+            _bwd_h[grid](
+                x[r], gy[r], weight, gh[r], n, pg, hidden, og, g, x.stride(0), gy.stride(0), gh.stride(0),
+                rows_bucket(n), **meta,
+            )  # fmt: skip
         gh = gh.to(h.dtype)
     if needs[2]:
         slices = 2 if interpreting() else max(1, min(32, (64 << 20) // (weight.numel() * 4)))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        partial = torch.zeros(slices, *weight.shape, dtype=acc, device=x.device)
-        grid = _grid(
-            lambda m: g * triton.cdiv(pg, m["BP"]),
-            lambda m: triton.cdiv(og, m["BN"] // m["HP"]),
-            lambda m: min(slices, triton.cdiv(rows, m["BB"])),
-        )
-        _bwd_w[grid](
-            x, gy, h, partial, rows, pg, hidden, og, x.stride(0), gy.stride(0), h.stride(0), weight.numel(), **meta
-        )
-        gw = partial.sum(0).to(weight.dtype)
+        partial = torch.empty(slices, *weight.shape, dtype=acc, device=x.device)
+        gw_acc = None
+        for r in _row_blocks(x, h, gy):
+            n = r.stop - r.start
+            grid = _grid(
+                lambda m: g * triton.cdiv(pg, m["BP"]),
+                lambda m: triton.cdiv(og, m["BN"] // m["HP"]),
+                lambda m, n=n: min(slices, triton.cdiv(n, m["BB"])),
+            )
+            partial.zero_()  # the slices a block's grid does not reach must add nothing
+            _bwd_w[grid](
+                x[r], gy[r], h[r], partial, n, pg, hidden, og, x.stride(0), gy.stride(0), h.stride(0), weight.numel(),
+                rows_bucket(n), **meta,
+            )  # fmt: skip
+            gw_acc = partial.sum(0) if gw_acc is None else gw_acc.add_(partial.sum(0))
+        gw = gw_acc.to(weight.dtype)
     if needs[3] and bias is not None:
         gc = torch.einsum("bgo,bgp->gop", gy.view(rows, g, og), x.view(rows, g, pg)).reshape(-1).to(bias.dtype)
     return gx, gh, gw, gc
