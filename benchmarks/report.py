@@ -328,6 +328,11 @@ measures workloads A, B and C of `../shared/ANCHORS.md` and the 256..4096 px swe
 (TF32 off) and bfloat16 (about 5-8 minutes on an H100) and writes `cuda-all.json/.md/.png` into
 `$OUT` or `results/`; then regenerate this page with both runs:
 `python -m benchmarks report results/cpu-all.json results/cuda-all.json --markdown docs/benchmarks.md`.
+
+What was checked without a GPU: `python benchmarks/kernel_compile.py` compiles every Triton kernel
+config the autotuner can pick, for H100 (sm_90) and A100 (sm_80), with Triton's own compiler and
+`ptxas`, and reports registers, spills, shared memory and tensor-core use; see
+[fast-path.md](fast-path.md#compiled-for-the-gpu-without-one).
 """
 
 
