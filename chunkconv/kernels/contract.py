@@ -20,7 +20,7 @@ kernels are the same tile arithmetic turned around, with ``gT = gy (x) h`` forme
 The bias terms (``x . c`` and its gradients, ``O * Pg`` FLOPs per patch against the main
 ``O * Pg * H``) run as PyTorch einsums; the forward and ``gx`` kernels add them in their epilogue
 (``INIT``), so nothing is read-modify-written and autotuning may rerun a kernel safely.
-Tile sizes are autotuned on CUDA, keyed on ``Pg, H, Og``, the dtypes and the chunk length's power
+Tile sizes are autotuned on CUDA, keyed on ``Pg, H, Og``, dtypes, TF32 and the chunk length's power
 of two (:func:`rows_bucket`), timed by :func:`time_config` (no extra memory) and cached on disk by
 Triton; the interpreter runs one small config. Offsets are 32-bit: chunks longer than that allows
 are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`).
@@ -98,7 +98,7 @@ def _tuned(fn):
         return fn
     return triton.autotune(
         configs=_configs(),
-        key=["Pg", "H", "Og", "rows_bucket"],
+        key=["Pg", "H", "Og", "rows_bucket", "PRECISION"],  # and the tensors' dtypes, which Triton adds
         prune_configs_by={"early_config_prune": _prune},
         do_bench=time_config,
         cache_results=True,  # tuned once per machine (Triton's cache, keyed on the GPU's architecture)
