@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's chunkconv, not an installed one
 import chunkconv  # noqa: E402
-from benchmarks.measure import set_tf32  # noqa: E402
+from benchmarks.measure import is_out_of_memory, set_tf32  # noqa: E402
 from chunkconv.fastpath import fast_path_bytes_per_patch  # noqa: E402
 from chunkconv.geometry import conv_spec  # noqa: E402
 from chunkconv.memory import MemoryTracker  # noqa: E402
@@ -143,7 +143,9 @@ def bench(w: Workload, dtype: torch.dtype, device: str, repeats: int, chunk_size
             with MemoryTracker(device) as tracker:
                 run_once(w, method, gen, x, chunk)
             row["peak"] = tracker.peak
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as error:  # cuBLAS reports OOM as a RuntimeError
+            if not is_out_of_memory(error):
+                raise
             row["s"], row["peak"] = None, None
             row["note"] = "out of memory"
         if device == "cuda":

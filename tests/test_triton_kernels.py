@@ -29,8 +29,10 @@ interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_kernels_under_th
 cuda = pytest.mark.cuda
 compiled = pytest.mark.skipif(INTERPRET, reason="compiled kernels only")
 
-# (groups, in_channels, out_channels, hidden, kernel, rows): HP = 8, 16, 64; rows not a tile multiple
-SHAPES = [(1, 3, 4, 5, 3, 37), (2, 4, 6, 16, 2, 21), (1, 2, 3, 40, 3, 17)]
+# (groups, in_channels, out_channels, hidden, kernel, rows): HP = 8, 16, 64; rows not a tile multiple;
+# depthwise (one output per group) and 1x1 grouped with one patch feature per group, where the
+# bias term's einsum comes back with a transposed layout
+SHAPES = [(1, 3, 4, 5, 3, 37), (2, 4, 6, 16, 2, 21), (1, 2, 3, 40, 3, 17), (3, 3, 3, 4, 3, 19), (2, 2, 4, 6, 1, 23)]
 TOL = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-4, 1e-4),
@@ -143,6 +145,32 @@ def test_interp_long_chunks_launch_in_blocks(monkeypatch):
     _check_contract("cpu", torch.float64, (1, 2, 3, 40, 3, 17), True)  # all four kernels, three launches each
 
 
+class _TriesConfigs:
+    """Stands in for ``triton.autotune`` under the interpreter: launches each tile height in turn on
+    the same arguments, as the autotuner's benchmark does, the last one being the "winner"."""
+
+    def __init__(self, kernel, heights):
+        self.kernel, self.heights = kernel, heights
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            for bb in self.heights:
+                m = {**meta, "BB": bb}
+                self.kernel[grid(m) if callable(grid) else grid](*args, **m)
+
+        return launch
+
+
+@interp
+def test_interp_weight_gradient_survives_autotuning(monkeypatch):
+    # 16-row tiles spread 40 rows over both slices of the partial sums, 64-row tiles over one: the
+    # grid must not depend on the tile height, or the winner leaves the loser's slice to be summed
+    from chunkconv.kernels import contract
+
+    monkeypatch.setattr(contract, "_bwd_w", _TriesConfigs(contract._bwd_w, (16, 64)))
+    _check_contract("cpu", torch.float64, (1, 2, 3, 5, 3, 40), True)
+
+
 @interp
 def test_interp_empty_chunk():
     from chunkconv.kernels.contract import contract_backward, contract_forward
@@ -212,6 +240,24 @@ def test_rows_bucket():
     from chunkconv.kernels.contract import rows_bucket
 
     assert [rows_bucket(n) for n in (1, 2, 3, 4, 5, 1024, 1025, 2**17, 2**30)] == [1, 1, 2, 2, 3, 10, 11, 17, 17]
+
+
+@cuda
+@compiled
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_kernels_run_on_the_tensors_device():
+    with torch.cuda.device(0):  # Triton launches on the current device unless told otherwise
+        _check_contract("cuda:1", torch.float32, SHAPES[0], True)
+
+
+@cuda
+@compiled
+def test_cuda_gradients_while_autotuning(monkeypatch, tmp_path):
+    # thousands of rows: the weight gradient's grid has several slices and the autotuner tries
+    # configs of different tile heights on the same buffers before the result is kept
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with _tf32(False):
+        _check_contract("cuda", torch.float32, (2, 4, 6, 16, 2, 5003), True)
 
 
 @contextlib.contextmanager

@@ -74,6 +74,10 @@ def _reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"dtype {dtype} is not one of {', '.join(str(d) for d in allowed)}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    if device.type == "cuda" and not interp and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # bf16 and TF32 dots need Ampere; the kernels are compile-checked for sm_80/sm_90
+            return f"the GPU's compute capability is {major}.{minor}, and the kernels need 8.0 (Ampere) or newer"
     return None
 
 

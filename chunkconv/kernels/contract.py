@@ -28,6 +28,8 @@ are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,9 @@ def _configs() -> list[triton.Config]:
         for w in (4, 8)
         if bb * bn <= 16384
     ]
+
+
+_SMALLEST_BB = min(c.kwargs["BB"] for c in _configs())
 
 
 def _prune(configs, named_args, **kwargs):
@@ -286,6 +291,24 @@ def _bias_dims(geom: ConvGeometry) -> tuple[int, int, int]:
     return g, geom.out_channels // g, geom.patch_size // g
 
 
+def _on_the_tensors_device(fn):
+    """Run a host wrapper with its first tensor's CUDA device current.
+
+    Triton launches on the current device and its stream, which for a model on ``cuda:1`` need
+    not be the tensors' device.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        if first.device.type != "cuda":
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_on_the_tensors_device
 def contract_forward(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
     """``y (B, O)`` from contiguous ``x (B, P)``, ``h (B, H)``, ``W (O * Pg, H)``, ``c (O * Pg,)``."""
     rows = x.shape[0]
@@ -295,7 +318,8 @@ def contract_forward(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, 
         return y
     init = None
     if bias is not None:
-        init = torch.einsum("bgp,gop->bgo", x.view(rows, g, pg), bias.view(g, og, pg)).reshape(rows, -1)
+        # contiguous: the kernel reads init with y's row stride, and einsum may return another layout
+        init = torch.einsum("bgp,gop->bgo", x.view(rows, g, pg), bias.view(g, og, pg)).reshape(rows, -1).contiguous()
     meta = _common(x, weight, geom)
     for r in _row_blocks(x, h, y):
         n = r.stop - r.start
@@ -307,6 +331,7 @@ def contract_forward(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, 
     return y
 
 
+@_on_the_tensors_device
 def contract_backward(
     gy: Tensor, x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
@@ -322,6 +347,7 @@ def contract_backward(
         init = None
         if bias is not None:
             init = torch.einsum("bgo,gop->bgp", gy.view(rows, g, og), bias.view(g, og, pg)).reshape(rows, -1)
+            init = init.contiguous()  # read with gx's row stride
         for r in _row_blocks(x, h, gy):
             n = r.stop - r.start
             grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]), lambda m: g * triton.cdiv(pg, m["BP"]))
@@ -340,18 +366,17 @@ def contract_backward(
             )  # fmt: skip
         gh = gh.to(h.dtype)
     if needs[2]:
-        slices = 2 if interpreting() else max(1, min(32, (64 << 20) // (weight.numel() * 4)))
+        most = 2 if interpreting() else max(1, min(32, (64 << 20) // (weight.numel() * 4)))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        partial = torch.empty(slices, *weight.shape, dtype=acc, device=x.device)
         gw_acc = None
         for r in _row_blocks(x, h, gy):
             n = r.stop - r.start
-            grid = _grid(
-                lambda m: g * triton.cdiv(pg, m["BP"]),
-                lambda m: triton.cdiv(og, m["BN"] // m["HP"]),
-                lambda m, n=n: min(slices, triton.cdiv(n, m["BB"])),
-            )
-            partial.zero_()  # the slices a block's grid does not reach must add nothing
+            # The number of slices must not depend on the config: every slice program stores its
+            # partial sum (zeros when it has no row tiles), so nothing stale from an earlier launch,
+            # or from a config the autotuner tried first, is ever summed.
+            slices = min(most, triton.cdiv(n, _SMALLEST_BB))
+            partial = torch.empty(slices, *weight.shape, dtype=acc, device=x.device)
+            grid = _grid(lambda m: g * triton.cdiv(pg, m["BP"]), lambda m: triton.cdiv(og, m["BN"] // m["HP"]), slices)
             _bwd_w[grid](
                 x[r], gy[r], h[r], partial, n, pg, hidden, og, x.stride(0), gy.stride(0), h.stride(0), weight.numel(),
                 rows_bucket(n), **meta,
