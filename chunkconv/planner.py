@@ -18,6 +18,7 @@ Memory model of one call (see ``docs/memory.md``)::
                   + step_forward(chunk)                      (measured)
     backward peak = padded input + input-gradient buffers
                   + 2 x generator parameters (running gradient sums)       (fixed)
+                  + on CUDA, a cuBLAS workspace for autograd's thread        (fixed)
                   + step_backward(chunk)                     (measured)
 
 and the plan keeps ``SAFETY_FACTOR * peak + safety_bytes <= budget`` (on a CPU it also caps
@@ -408,8 +409,21 @@ def _generator_state(generator: Generator) -> tuple:
 # -- planning ----------------------------------------------------------------------------------
 
 
+# Autograd runs backward on its own thread per CUDA device, and cuBLAS gives that thread its own
+# handle and workspace, taken from the caching allocator on its first matmul (PyTorch's defaults
+# are 8 MiB and, on Hopper, 32 MiB; plus cuBLASLt's). The probes run on the calling thread and so
+# never see it: the plan counts the largest default for every training call on CUDA. Not measured
+# on a GPU yet; an allowance, not a measurement.
+CUDA_BACKWARD_WORKSPACE = 33 * 2**20
+
+
 def _fixed_costs(
-    geom: ConvGeometry, dtype: torch.dtype, out_dtype: torch.dtype, param_bytes: int, input_grad: bool
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    param_bytes: int,
+    input_grad: bool,
+    device: torch.device,
 ) -> tuple[dict[str, int], dict[str, int]]:
     item, out_item = dtype.itemsize, out_dtype.itemsize
     output = geom.num_patches * geom.out_channels * out_item
@@ -422,6 +436,7 @@ def _fixed_costs(
         "input gradient (padded)": padded if input_grad else 0,
         "input gradient": unpadded if input_grad and geom.is_padded else 0,
         "gradient accumulators": 2 * param_bytes,
+        "cuBLAS workspace of autograd's thread": CUDA_BACKWARD_WORKSPACE if device.type == "cuda" else 0,
     }
     return forward, backward
 
@@ -531,7 +546,7 @@ def make_plan(
     # over several chunks the previous and the new running sum coexist with a chunk's gradient:
     # two copies more than a single-chunk probe holds, accumulated in at least float32
     param_bytes = sum(p.numel() * max(4, p.element_size()) for p in module.parameters()) if module is not None else 0
-    fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad)
+    fixed_fwd, fixed_bwd = _fixed_costs(geom, dtype, out_dtype, param_bytes, input_grad, device)
     f_fwd, f_bwd = sum(fixed_fwd.values()), sum(fixed_bwd.values())
 
     def peaks(b: int) -> tuple[int, int | None]:
