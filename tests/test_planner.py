@@ -288,3 +288,16 @@ def test_forward_retry_after_out_of_memory_replays_the_same_random_numbers():
     assert len(drawn) == len(forward_draws)
     for a, b in zip(forward_draws, drawn):
         assert torch.equal(a, b)
+
+
+def test_cuda_training_plans_count_the_backward_threads_cublas_workspace():
+    # autograd's CUDA thread gets its own cuBLAS workspace, which the probes (on this thread) miss
+    from chunkconv.planner import CUDA_BACKWARD_WORKSPACE, _fixed_costs
+
+    geom = conv_spec(2, in_channels=2, out_channels=3, kernel_size=3, padding=1).geometry((1, 2, 8, 8))
+    costs = {
+        kind: _fixed_costs(geom, torch.float32, torch.float32, 1000, True, torch.device(kind))
+        for kind in ("cpu", "cuda")
+    }
+    assert costs["cuda"][0] == costs["cpu"][0]  # forward: no autograd thread
+    assert sum(costs["cuda"][1].values()) - sum(costs["cpu"][1].values()) == CUDA_BACKWARD_WORKSPACE

@@ -28,6 +28,7 @@ are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -300,9 +301,7 @@ def _on_the_tensors_device(fn):
 
     @functools.wraps(fn)
     def wrapper(first: Tensor, *args, **kwargs):
-        if first.device.type != "cuda":
-            return fn(first, *args, **kwargs)
-        with torch.cuda.device(first.device):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
             return fn(first, *args, **kwargs)
 
     return wrapper
