@@ -13,6 +13,7 @@ so a chunk may span several images and no size has to divide another.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "forward_chunks",
     "gather_patches",
     "pad_input",
+    "range_blocks",
     "run_generator",
 ]
 
@@ -52,31 +54,75 @@ def pad_input(x: Tensor, geom: ConvGeometry) -> Tensor:
     return F.pad(x, geom.torch_pad, mode=mode)
 
 
+Block = tuple[int | slice, ...]
+
+
+def range_blocks(start: int, end: int, sizes: Sequence[int]) -> list[Block]:
+    """The flat row-major range ``[start, end)`` over ``sizes`` as rectangular index blocks.
+
+    A range of rows is a partial row, whole rows and a partial row; one dimension up, the same
+    over planes; so at most ``2 * len(sizes) - 1`` blocks, each a plain (strided) slice of a
+    tensor of shape ``sizes``, in order.
+    """
+    if start >= end:
+        return []
+    if len(sizes) == 1:
+        return [(slice(start, end),)]
+    inner = 1
+    for size in sizes[1:]:
+        inner *= size
+    first, last = start // inner, (end - 1) // inner
+    if first == last:
+        return [(first, *b) for b in range_blocks(start - first * inner, end - first * inner, sizes[1:])]
+    head: list[Block] = []
+    if start > first * inner:
+        head = [(first, *b) for b in range_blocks(start - first * inner, inner, sizes[1:])]
+        first += 1
+    tail: list[Block] = []
+    if end < (last + 1) * inner:
+        tail = [(last, *b) for b in range_blocks(0, end - last * inner, sizes[1:])]
+        last -= 1
+    whole = [(slice(first, last + 1), *(slice(None),) * (len(sizes) - 1))] if first <= last else []
+    return head + whole + tail
+
+
 @dataclass(frozen=True)
 class ChunkIndex:
-    """The locations of one chunk: image index and output coordinates, each ``(B,)``."""
+    """The locations of one chunk, as rectangular blocks rather than index tensors.
+
+    ``cells`` index ``(N, *out_spatial)`` (patches, and input-gradient taps); ``rows`` index
+    ``(N, L)`` (output rows). Copying blocks out of strided views is several times faster than
+    advanced indexing and allocates no index vectors.
+    """
 
     start: int
     end: int
-    image: Tensor
-    coords: tuple[Tensor, ...]
-    flat: Tensor  # location within its image, 0 <= flat < L
+    cells: tuple[Block, ...]
+    rows: tuple[Block, ...]
 
     @classmethod
-    def build(cls, start: int, end: int, geom: ConvGeometry, device: torch.device) -> ChunkIndex:
-        pos = torch.arange(start, end, device=device)
-        per_image = geom.locations_per_image
-        image, flat = pos // per_image, pos % per_image
-        coords = []
-        rest = flat
-        for size in reversed(geom.out_spatial):
-            coords.append(rest % size)
-            rest = rest // size
-        return cls(start, end, image, tuple(reversed(coords)), flat)
+    def build(cls, start: int, end: int, geom: ConvGeometry) -> ChunkIndex:
+        cells = range_blocks(start, end, (geom.batch, *geom.out_spatial))
+        rows = range_blocks(start, end, (geom.batch, geom.locations_per_image))
+        return cls(start, end, tuple(cells), tuple(rows))
 
-    @property
-    def index(self) -> tuple[Tensor, ...]:
-        return (self.image, *self.coords)
+
+def _blockwise(view: Tensor, blocks: Sequence[Block], flat: Tensor, write: bool) -> None:
+    """Copy between ``flat`` ``(B, *item)`` and the chunk's ``blocks`` of ``view`` (``(..., *item)``).
+
+    ``write``: ``view[block] = flat rows`` (add, for gradients, is :func:`scatter_patch_grads`);
+    otherwise ``flat rows = view[block]``.
+    """
+    pos, item = 0, max(1, math.prod(flat.shape[1:]))
+    for block in blocks:
+        part = view[block]
+        n = part.numel() // item
+        rows = flat[pos : pos + n].view(part.shape)
+        if write:
+            part.copy_(rows)
+        else:
+            rows.copy_(part)
+        pos += n
 
 
 def _patch_view(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
@@ -98,7 +144,12 @@ def _patch_view(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
 
 def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
     """The chunk's patches as generator rows ``(B, C * prod(kernel_size))``, ``F.unfold`` order."""
-    return _patch_view(x_pad, geom)[chunk.index].reshape(chunk.end - chunk.start, geom.patch_size)
+    out = torch.empty(chunk.end - chunk.start, geom.patch_size, dtype=x_pad.dtype, device=x_pad.device)
+    _blockwise(_patch_view(x_pad, geom), chunk.cells, out, write=False)
+    # A view, not the buffer: autocast caches its casts of leaves that require grad and are not
+    # views for as long as its region lasts (all of backward's replay), so returning the buffer
+    # would keep a low-precision copy of every chunk's patches alive until backward ends.
+    return out.view(out.shape)
 
 
 def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
@@ -115,7 +166,12 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
     for t, tap in enumerate(taps):
         offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
         view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
-        view.index_put_(chunk.index, per_tap[:, :, t], accumulate=True)
+        pos = 0
+        for block in chunk.cells:
+            part = view[block]
+            n = part.numel() // geom.in_channels
+            part.add_(per_tap[pos : pos + n, :, t].view(part.shape))
+            pos += n
 
 
 def buffer_copies(generator: Generator) -> dict[str, Tensor]:
@@ -287,9 +343,9 @@ def forward_chunks(
         end = min(start + size, total)
         rng = _rng_state(x.device)
         try:
-            chunk = ChunkIndex.build(start, end, geom, x.device)
+            chunk = ChunkIndex.build(start, end, geom)
             patches = gather_patches(x_pad, chunk, geom)
-            rows[chunk.image, chunk.flat] = step(patches).to(out_dtype)
+            _blockwise(rows, chunk.rows, step(patches).to(out_dtype), write=True)
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
@@ -339,11 +395,13 @@ def backward_chunks(
     while pending:
         start, end = pending.pop()
         try:
-            chunk = ChunkIndex.build(start, end, geom, x.device)
+            chunk = ChunkIndex.build(start, end, geom)
             patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
             out = step(patches)
             targets = ([patches] if input_grad else []) + wanted
-            upstream = grad_rows[chunk.image, chunk.flat].to(out.dtype)
+            upstream = torch.empty(end - start, geom.out_channels, dtype=grad_rows.dtype, device=grad_rows.device)
+            _blockwise(grad_rows, chunk.rows, upstream, write=False)
+            upstream = upstream.to(out.dtype)
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
         except torch.OutOfMemoryError:
             if not splittable or end - start == 1:
