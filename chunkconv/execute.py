@@ -68,9 +68,7 @@ def range_blocks(start: int, end: int, sizes: Sequence[int]) -> list[Block]:
         return []
     if len(sizes) == 1:
         return [(slice(start, end),)]
-    inner = 1
-    for size in sizes[1:]:
-        inner *= size
+    inner = math.prod(sizes[1:])
     first, last = start // inner, (end - 1) // inner
     if first == last:
         return [(first, *b) for b in range_blocks(start - first * inner, end - first * inner, sizes[1:])]
@@ -107,21 +105,23 @@ class ChunkIndex:
         return cls(start, end, tuple(cells), tuple(rows))
 
 
-def _blockwise(view: Tensor, blocks: Sequence[Block], flat: Tensor, write: bool) -> None:
-    """Copy between ``flat`` ``(B, *item)`` and the chunk's ``blocks`` of ``view`` (``(..., *item)``).
+def _blockwise(view: Tensor, blocks: Sequence[Block], flat: Tensor, mode: str) -> None:
+    """Move data between a chunk's rows ``flat`` ``(B, *item)`` and its ``blocks`` of ``view``.
 
-    ``write``: ``view[block] = flat rows`` (add, for gradients, is :func:`scatter_patch_grads`);
-    otherwise ``flat rows = view[block]``.
+    ``mode``: ``"read"`` copies the blocks into ``flat``; ``"write"`` copies ``flat`` into the
+    blocks; ``"add"`` adds it to them (blocks never overlap, so no element is added twice).
     """
     pos, item = 0, max(1, math.prod(flat.shape[1:]))
     for block in blocks:
         part = view[block]
         n = part.numel() // item
         rows = flat[pos : pos + n].view(part.shape)
-        if write:
+        if mode == "read":
+            rows.copy_(part)
+        elif mode == "write":
             part.copy_(rows)
         else:
-            rows.copy_(part)
+            part.add_(rows)
         pos += n
 
 
@@ -145,7 +145,7 @@ def _patch_view(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
 def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
     """The chunk's patches as generator rows ``(B, C * prod(kernel_size))``, ``F.unfold`` order."""
     out = torch.empty(chunk.end - chunk.start, geom.patch_size, dtype=x_pad.dtype, device=x_pad.device)
-    _blockwise(_patch_view(x_pad, geom), chunk.cells, out, write=False)
+    _blockwise(_patch_view(x_pad, geom), chunk.cells, out, "read")
     # A view, not the buffer: autocast caches its casts of leaves that require grad and are not
     # views for as long as its region lasts (all of backward's replay), so returning the buffer
     # would keep a low-precision copy of every chunk's patches alive until backward ends.
@@ -166,12 +166,7 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
     for t, tap in enumerate(taps):
         offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
         view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
-        pos = 0
-        for block in chunk.cells:
-            part = view[block]
-            n = part.numel() // geom.in_channels
-            part.add_(per_tap[pos : pos + n, :, t].view(part.shape))
-            pos += n
+        _blockwise(view, chunk.cells, per_tap[:, :, t], "add")
 
 
 def buffer_copies(generator: Generator) -> dict[str, Tensor]:
@@ -345,7 +340,7 @@ def forward_chunks(
         try:
             chunk = ChunkIndex.build(start, end, geom)
             patches = gather_patches(x_pad, chunk, geom)
-            _blockwise(rows, chunk.rows, step(patches).to(out_dtype), write=True)
+            _blockwise(rows, chunk.rows, step(patches).to(out_dtype), "write")
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
@@ -400,7 +395,7 @@ def backward_chunks(
             out = step(patches)
             targets = ([patches] if input_grad else []) + wanted
             upstream = torch.empty(end - start, geom.out_channels, dtype=grad_rows.dtype, device=grad_rows.device)
-            _blockwise(grad_rows, chunk.rows, upstream, write=False)
+            _blockwise(grad_rows, chunk.rows, upstream, "read")
             upstream = upstream.to(out.dtype)
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
         except torch.OutOfMemoryError:
