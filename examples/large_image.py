@@ -13,8 +13,8 @@ the peak memory it measured, forward and backward, next to the budget.
     python examples/large_image.py --size 256    # quicker
     python examples/large_image.py --budget 300MB
 
-The default run takes about 15 s on 2 idle CPU cores (chunkconv's forward and backward, 89
-chunks on the fast path, take about 10 s; the recipe's failure takes seconds). It needs about
+The default run takes about 12 s on 2 idle CPU cores (chunkconv's forward and backward, 89
+chunks on the fast path, take about 7 s; the recipe's failure takes seconds). It needs about
 1.5 GiB of free RAM.
 """
 
