@@ -182,6 +182,17 @@ def test_interp_empty_chunk():
     assert gx.shape == x.shape and gh.shape == h.shape and gw.abs().sum() == 0 and gc is None
 
 
+@compiled
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_gpus_older_than_ampere_fall_back(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = triton_unavailable(torch.device("cuda", 0), torch.float16)
+    assert reason == "the GPU's compute capability is 7.5, and the kernels need 8.0 (Ampere) or newer"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert triton_unavailable(torch.device("cuda", 0), torch.bfloat16) is None
+
+
 def test_fallback_reasons():
     cpu, f32 = torch.device("cpu"), torch.float32
     if not INTERPRET:
@@ -227,10 +238,11 @@ def test_cuda_autotuning_stays_inside_the_budget(monkeypatch, tmp_path):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        contract._fwd.configs_timings = None  # set again only if this call benchmarks configs
         y = contract.contract_forward(x, h, w, None, geom)
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - base <= y.numel() * 4 + 2**20
-        assert len(contract._fwd.configs_timings) > 1  # it did benchmark configs
+        assert len(contract._fwd.configs_timings or ()) > 1  # it did benchmark configs, for this key
     buckets = {k[3] for k in contract._fwd.cache if k[:3] == (27, 7, 5)}
     assert buckets == {contract.rows_bucket(2), contract.rows_bucket(5000)}
 
