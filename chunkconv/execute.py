@@ -394,9 +394,8 @@ def backward_chunks(
             patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
             out = step(patches)
             targets = ([patches] if input_grad else []) + wanted
-            upstream = torch.empty(end - start, geom.out_channels, dtype=grad_rows.dtype, device=grad_rows.device)
-            _blockwise(grad_rows, chunk.rows, upstream, "read")
-            upstream = upstream.to(out.dtype)
+            upstream = torch.empty(end - start, geom.out_channels, dtype=out.dtype, device=out.device)
+            _blockwise(grad_rows, chunk.rows, upstream, "read")  # copy_ casts to out's dtype
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
         except torch.OutOfMemoryError:
             if not splittable or end - start == 1:

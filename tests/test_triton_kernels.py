@@ -274,16 +274,15 @@ def test_cuda_gradients_while_autotuning(monkeypatch, tmp_path):
 
 @contextlib.contextmanager
 def _tf32(enabled):
-    matmul = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "tf32" if enabled else "ieee")  # torch >= 2.9
-    if not hasattr(matmul, name):
-        name, value = "allow_tf32", enabled
-    old = getattr(matmul, name)
-    setattr(matmul, name, value)
+    from benchmarks.measure import set_tf32
+    from chunkconv.kernels import tf32_allowed
+
+    old = tf32_allowed()
+    set_tf32(enabled)
     try:
         yield
     finally:
-        setattr(matmul, name, old)
+        set_tf32(old)
 
 
 _TF32_SCRIPT = """

@@ -341,13 +341,14 @@ def contract_backward(
     gx = gh = gw = gc = None
     if rows == 0:
         return tuple(torch.zeros_like(t) if n and t is not None else None for t, n in zip((x, h, weight, bias), needs))
+    blocks = _row_blocks(x, h, gy)
     if needs[0]:
         gx = torch.empty_like(x)
         init = None
         if bias is not None:
             init = torch.einsum("bgo,gop->bgp", gy.view(rows, g, og), bias.view(g, og, pg)).reshape(rows, -1)
             init = init.contiguous()  # read with gx's row stride
-        for r in _row_blocks(x, h, gy):
+        for r in blocks:
             n = r.stop - r.start
             grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]), lambda m: g * triton.cdiv(pg, m["BP"]))
             _bwd_x[grid](
@@ -356,7 +357,7 @@ def contract_backward(
             )  # fmt: skip
     if needs[1]:
         gh = torch.empty(rows, hidden, dtype=torch.promote_types(h.dtype, torch.float32), device=x.device)
-        for r in _row_blocks(x, h, gy):
+        for r in blocks:
             n = r.stop - r.start
             grid = _grid(lambda m, n=n: triton.cdiv(n, m["BB"]))
             _bwd_h[grid](
@@ -368,7 +369,7 @@ def contract_backward(
         most = 2 if interpreting() else max(1, min(32, (64 << 20) // (weight.numel() * 4)))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         gw_acc = None
-        for r in _row_blocks(x, h, gy):
+        for r in blocks:
             n = r.stop - r.start
             # The number of slices must not depend on the config: every slice program stores its
             # partial sum (zeros when it has no row tiles), so nothing stale from an earlier launch,
