@@ -1,83 +1,58 @@
 """The autograd Function: forward chunk by chunk without a graph, recompute in backward.
 
-It only wires autograd to the executor. Forward keeps the input, the bias and
-the generator's parameters (as ``torch.utils.checkpoint`` does, plus the RNG
-and autocast state so that recomputation replays exactly what forward did);
-backward re-runs every chunk with grad enabled. The generator's parameters are
-explicit inputs of the Function, so ``torch.autograd.grad``, ``backward(inputs=...)``,
-hooks and DDP see them as ordinary leaves.
+It only wires autograd to the executor. Forward keeps the streamed sources (the input), the bias
+and the generator's parameters (as ``torch.utils.checkpoint`` does, plus the RNG and autocast
+state so that recomputation replays exactly what forward did); backward re-runs every chunk with
+grad enabled. The generator's parameters are explicit inputs of the Function, so
+``torch.autograd.grad``, ``backward(inputs=...)``, hooks and DDP see them as ordinary leaves.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .execute import ChunkStep, backward_chunks, buffer_copies, forward_chunks
+from .binding import buffer_copies
+from .execute import ChunkStep, add_bias, backward_chunks, forward_chunks
+from .gather import make_streams
 from .geometry import ConvGeometry
+from .replay import ReplayState
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
 
 
 @dataclass(frozen=True)
 class ForwardContext:
-    """Everything non-tensor the Function needs to run and to replay a call."""
+    """Everything non-tensor the Function needs to run and to replay a call.
+
+    ``streams`` names the kind of each source tensor passed to the Function, in order (see
+    :data:`chunkconv.gather.STREAM_KINDS`).
+    """
 
     step: ChunkStep  # the path's chunk arithmetic (generic or fast)
     geom: ConvGeometry
     chunk_size: int
     out_dtype: torch.dtype
-
-
-class _ReplayState:
-    """RNG and autocast state captured before forward, restored around recomputation."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.autocast = {
-            kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-            for kind in {device.type, "cpu"}
-        }
-        self.autocast_cache = torch.is_autocast_cache_enabled()
-
-    def rng_advanced(self) -> bool:
-        """Whether random numbers were drawn since capture (then chunks must not be re-split)."""
-        if self.cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda_rng):
-            return True
-        return not torch.equal(torch.get_rng_state(), self.cpu_rng)
-
-    def replay(self, fn):
-        devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            with contextlib.ExitStack() as stack:
-                cache = self.autocast_cache
-                for kind, (enabled, dtype) in self.autocast.items():
-                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache))
-                return fn()
+    streams: tuple[str, ...] = ("patches",)
 
 
 class DynamicConvFunction(torch.autograd.Function):
-    """``apply(input, bias, run: ForwardContext, *generator_params) -> output``."""
+    """``apply(run: ForwardContext, bias, *sources, *generator_params) -> output``."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, bias: Tensor | None, run: ForwardContext, *params: Tensor) -> Tensor:
+    def forward(ctx, run: ForwardContext, bias: Tensor | None, *tensors: Tensor) -> Tensor:
+        sources = tensors[: len(run.streams)]
+        device = sources[0].device
         ctx.run = run
-        ctx.replay = _ReplayState(input.device)
+        ctx.replay = ReplayState.capture(device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(input, *params)
-        y, ctx.ranges = forward_chunks(input, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype)
-        ctx.uses_rng = ctx.replay.rng_advanced()
-        if bias is not None:
-            y += _broadcast_bias(bias, run.geom).to(y.dtype)
-        return y
+        ctx.save_for_backward(*tensors)
+        streams = make_streams(run.streams, sources, run.geom)
+        y, ctx.ranges = forward_chunks(streams, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype, device)
+        ctx.uses_rng = ctx.replay.rng.advanced()
+        return add_bias(y, bias)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -88,11 +63,13 @@ class DynamicConvFunction(torch.autograd.Function):
         return grads
 
     @staticmethod
-    def _backward(ctx, grad_y: Tensor):
-        input, *params = ctx.saved_tensors
+    def _backward(ctx, grad_y: Tensor) -> tuple:
         run: ForwardContext = ctx.run
+        count = len(run.streams)
+        saved = ctx.saved_tensors
+        sources, params = saved[:count], saved[count:]
         needs = ctx.needs_input_grad
-        input_grad, bias_grad, param_needs = needs[0], needs[1], needs[3:]
+        bias_grad, source_needs, param_needs = needs[1], needs[2 : 2 + count], needs[2 + count :]
         # Differentiate w.r.t. detached stand-ins, not the parameters themselves: the
         # per-chunk autograd.grad calls must not fire the user's (or DDP's) hooks on the
         # real parameters with partial gradients; autograd delivers the sum once.
@@ -101,23 +78,21 @@ class DynamicConvFunction(torch.autograd.Function):
         if bias_grad:
             spatial = tuple(range(2, grad_y.dim()))
             grad_bias = grad_y.sum(dim=(0, *spatial), dtype=torch.promote_types(grad_y.dtype, torch.float32))
+            grad_bias = grad_bias.to(ctx.bias_dtype)
 
-        def recompute():
+        def recompute() -> tuple[list[Tensor | None], list[Tensor | None]]:
             with torch.enable_grad():
                 return backward_chunks(
-                    input,
+                    make_streams(run.streams, sources, run.geom, source_needs),
                     run.step.bind(stand_ins, buffer_copies(run.step.generator)),
                     run.geom,
                     ctx.ranges,
                     grad_y,
-                    input_grad=input_grad,
                     splittable=not ctx.uses_rng,
                 )
 
-        grad_x, param_grads = ctx.replay.replay(recompute)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return (grad_x, grad_bias, None, *param_grads)
+        source_grads, param_grads = ctx.replay.replay(recompute)
+        return (None, grad_bias, *source_grads, *param_grads)
 
 
 _DOUBLE_BACKWARD_MESSAGE = (
@@ -133,7 +108,7 @@ def _refuse_double_backward(grads: tuple, saved: tuple[Tensor, ...]) -> tuple:
 
     As ``torch.autograd.function.once_differentiable`` does, but unconditionally
     under ``create_graph=True`` (not only when the upstream gradient requires
-    grad), and with the saved input and parameters as inputs of the error node
+    grad), and with the saved inputs and parameters as inputs of the error node
     too, so that differentiating a gradient with respect to them reaches the
     error: otherwise a gradient penalty would silently miss this layer's
     contribution instead of failing.
@@ -145,7 +120,3 @@ def _refuse_double_backward(grads: tuple, saved: tuple[Tensor, ...]) -> tuple:
     err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE.encode(), len(tensors) + len(sources))
     wrapped = iter(err(*[g.detach().requires_grad_() for g in tensors], *sources))
     return tuple(next(wrapped) if isinstance(g, Tensor) else g for g in grads)
-
-
-def _broadcast_bias(bias: Tensor, geom: ConvGeometry) -> Tensor:
-    return bias.view(1, -1, *([1] * geom.ndim))

@@ -1,204 +1,56 @@
-"""Stream a dynamic convolution chunk by chunk over the patch dimension.
+"""Stream a dynamic convolution chunk by chunk over the location dimension.
 
-The executor owns the tensor work: padding the input once, gathering the
-patches of a chunk straight from a strided view of the padded input (the whole
-unfold never exists), running the path's chunk arithmetic on them (a
-:class:`ChunkStep`: :class:`GeneratorStep` here, the generator making every
-patch's weight; the fast path's in :mod:`.fast_execute`), writing the rows of
-the output, and, in backward, recomputing each chunk and scattering its patch
-gradients back. Chunks are ranges of the flat ``N * L`` patch index,
-so a chunk may span several images and no size has to divide another.
+The executor owns the loop: for each chunk it gathers the rows of every per-location input
+(:mod:`.gather`'s streams: today the patches), hands them to the path's chunk arithmetic (a
+:class:`ChunkStep`: :class:`GeneratorStep` here, the generator making every patch's weight; the
+fast path's in :mod:`.fast_execute`) and writes the output rows; in backward it recomputes each
+chunk and hands every stream its rows' gradients. A chunk that runs out of device memory is
+retried in smaller pieces. Chunks are ranges of the flat ``N * L`` location index.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .binding import bind_parameters
 from .errors import GeneratorOutputError
+from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
+from .replay import RngState
 
 __all__ = [
     "BoundStep",
-    "ChunkIndex",
     "ChunkStep",
     "GeneratorStep",
     "accumulation_dtype",
+    "add_bias",
     "backward_chunks",
-    "bind_parameters",
-    "buffer_copies",
+    "broadcast_bias",
     "contract",
     "forward_chunks",
-    "gather_patches",
-    "pad_input",
-    "range_blocks",
     "run_generator",
 ]
-
-Generator = Callable[[Tensor], Tensor]
-
-
-def pad_input(x: Tensor, geom: ConvGeometry) -> Tensor:
-    """``x`` padded as ``nn.Conv*d`` pads it for ``padding_mode`` (``x`` itself if unpadded)."""
-    if not geom.is_padded:
-        return x
-    mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
-    return F.pad(x, geom.torch_pad, mode=mode)
-
-
-Block = tuple[int | slice, ...]
-
-
-def range_blocks(start: int, end: int, sizes: Sequence[int]) -> list[Block]:
-    """The flat row-major range ``[start, end)`` over ``sizes`` as rectangular index blocks.
-
-    A range of rows is a partial row, whole rows and a partial row; one dimension up, the same
-    over planes; so at most ``2 * len(sizes) - 1`` blocks, each a plain (strided) slice of a
-    tensor of shape ``sizes``, in order.
-    """
-    if start >= end:
-        return []
-    if len(sizes) == 1:
-        return [(slice(start, end),)]
-    inner = math.prod(sizes[1:])
-    first, last = start // inner, (end - 1) // inner
-    if first == last:
-        return [(first, *b) for b in range_blocks(start - first * inner, end - first * inner, sizes[1:])]
-    head: list[Block] = []
-    if start > first * inner:
-        head = [(first, *b) for b in range_blocks(start - first * inner, inner, sizes[1:])]
-        first += 1
-    tail: list[Block] = []
-    if end < (last + 1) * inner:
-        tail = [(last, *b) for b in range_blocks(0, end - last * inner, sizes[1:])]
-        last -= 1
-    whole = [(slice(first, last + 1), *(slice(None),) * (len(sizes) - 1))] if first <= last else []
-    return head + whole + tail
-
-
-@dataclass(frozen=True)
-class ChunkIndex:
-    """The locations of one chunk, as rectangular blocks rather than index tensors.
-
-    ``cells`` index ``(N, *out_spatial)`` (patches, and input-gradient taps); ``rows`` index
-    ``(N, L)`` (output rows). Copying blocks out of strided views is several times faster than
-    advanced indexing and allocates no index vectors.
-    """
-
-    start: int
-    end: int
-    cells: tuple[Block, ...]
-    rows: tuple[Block, ...]
-
-    @classmethod
-    def build(cls, start: int, end: int, geom: ConvGeometry) -> ChunkIndex:
-        cells = range_blocks(start, end, (geom.batch, *geom.out_spatial))
-        rows = range_blocks(start, end, (geom.batch, geom.locations_per_image))
-        return cls(start, end, tuple(cells), tuple(rows))
-
-
-def _blockwise(view: Tensor, blocks: Sequence[Block], flat: Tensor, mode: str) -> None:
-    """Move data between a chunk's rows ``flat`` ``(B, *item)`` and its ``blocks`` of ``view``.
-
-    ``mode``: ``"read"`` copies the blocks into ``flat``; ``"write"`` copies ``flat`` into the
-    blocks; ``"add"`` adds it to them (blocks never overlap, so no element is added twice).
-    """
-    pos, item = 0, max(1, math.prod(flat.shape[1:]))
-    for block in blocks:
-        part = view[block]
-        n = part.numel() // item
-        rows = flat[pos : pos + n].view(part.shape)
-        if mode == "read":
-            rows.copy_(part)
-        elif mode == "write":
-            part.copy_(rows)
-        else:
-            part.add_(rows)
-        pos += n
-
-
-def _patch_view(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
-    """A zero-copy view ``(N, *out_spatial, C, *kernel_size)`` of every patch.
-
-    Patches overlap in memory, so this view is read-only in spirit; it is only
-    ever indexed, which copies the selected patches out.
-    """
-    s_n, s_c, *s_sp = x_pad.stride()
-    size = (geom.batch, *geom.out_spatial, geom.in_channels, *geom.kernel_size)
-    stride = (
-        s_n,
-        *(st * s for st, s in zip(geom.stride, s_sp)),
-        s_c,
-        *(dil * s for dil, s in zip(geom.dilation, s_sp)),
-    )
-    return x_pad.as_strided(size, stride)
-
-
-def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
-    """The chunk's patches as generator rows ``(B, C * prod(kernel_size))``, ``F.unfold`` order."""
-    out = torch.empty(chunk.end - chunk.start, geom.patch_size, dtype=x_pad.dtype, device=x_pad.device)
-    _blockwise(_patch_view(x_pad, geom), chunk.cells, out, "read")
-    # A view, not the buffer: autocast caches its casts of leaves that require grad and are not
-    # views for as long as its region lasts (all of backward's replay), so returning the buffer
-    # would keep a low-precision copy of every chunk's patches alive until backward ends.
-    return out.view(out.shape)
-
-
-def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
-    """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (contiguous, padded shape).
-
-    One kernel tap at a time: for a fixed tap the map from location to input
-    element is injective, so each write is a plain accumulate without aliasing.
-    """
-    s_n, s_c, *s_sp = grad_pad.stride()
-    size = (geom.batch, *geom.out_spatial, geom.in_channels)
-    stride = (s_n, *(st * s for st, s in zip(geom.stride, s_sp)), s_c)
-    per_tap = grad_patches.view(-1, geom.in_channels, geom.kernel_numel)
-    taps = itertools.product(*(range(k) for k in geom.kernel_size))
-    for t, tap in enumerate(taps):
-        offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
-        view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
-        _blockwise(view, chunk.cells, per_tap[:, :, t], "add")
-
-
-def buffer_copies(generator: Generator) -> dict[str, Tensor]:
-    """Copies of the generator's buffers, for recomputation that must leave the real ones alone."""
-    if not isinstance(generator, nn.Module):
-        return {}
-    return {name: b.clone() for name, b in generator.named_buffers()}
-
-
-def bind_parameters(generator: Generator, tensors: dict[str, Tensor]) -> Generator:
-    """``generator`` called with ``tensors`` (by name) in place of its parameters and buffers.
-
-    Backward and the planner's probe differentiate through detached stand-ins rather than the
-    real parameters, so the user's hooks (and DDP's) never see partial, per-chunk gradients,
-    and in-place buffer updates during a probe land on copies.
-    """
-    if not tensors:
-        return generator
-    return lambda patches: torch.func.functional_call(generator, tensors, (patches,))  # type: ignore[arg-type]
 
 
 class BoundStep(Protocol):
     """One chunk's arithmetic, bound to the parameter tensors of one call.
 
-    ``step(patches)`` maps patch rows ``(B, P)`` to output rows ``(B, O)``; ``leaves`` are the
-    tensors backward differentiates each chunk with respect to (besides the patches), and
-    ``param_grads`` turns their summed gradients into gradients of the parameters, in order.
+    ``step(rows)`` maps a chunk's rows of every stream (``rows[0]``: the patches ``(B, P)``) to
+    output rows ``(B, O)``; ``leaves`` are the tensors backward differentiates each chunk with
+    respect to (besides the rows), and ``param_grads`` turns their summed gradients into
+    gradients of the parameters, in order.
     """
 
-    leaves: Sequence[Tensor]
+    @property
+    def leaves(self) -> Sequence[Tensor]: ...
 
-    def __call__(self, patches: Tensor) -> Tensor: ...
+    def __call__(self, rows: Sequence[Tensor]) -> Tensor: ...
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]: ...
 
@@ -211,7 +63,8 @@ class ChunkStep(Protocol):
     (so that recomputing a chunk does not update running statistics a second time).
     """
 
-    generator: Generator
+    @property
+    def generator(self) -> Callable[[Tensor], Tensor]: ...
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
 
@@ -220,11 +73,11 @@ class ChunkStep(Protocol):
 class GeneratorStep:
     """The generic path: the generator makes every patch's weight, then each is applied to its patch."""
 
-    generator: Generator
+    generator: Callable[[Tensor], Tensor]
     param_names: tuple[str, ...]
     geom: ConvGeometry
 
-    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> _BoundGenerator:
+    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
         if params is None:
             return _BoundGenerator(self.generator, (), self.geom)
         tensors = {**dict(zip(self.param_names, params)), **(buffers or {})}
@@ -233,7 +86,7 @@ class GeneratorStep:
 
 @dataclass(frozen=True)
 class _BoundGenerator:
-    generator: Generator
+    generator: Callable[[Tensor], Tensor]
     params: tuple[Tensor, ...]
     geom: ConvGeometry
 
@@ -241,7 +94,8 @@ class _BoundGenerator:
     def leaves(self) -> list[Tensor]:
         return [p for p in self.params if p.requires_grad]
 
-    def __call__(self, patches: Tensor) -> Tensor:
+    def __call__(self, rows: Sequence[Tensor]) -> Tensor:
+        patches = rows[0]
         return contract(run_generator(self.generator, patches, self.geom), patches, self.geom)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -249,7 +103,7 @@ class _BoundGenerator:
         return [next(grads) if p.requires_grad else None for p in self.params]
 
 
-def run_generator(generator: Generator, patches: Tensor, geom: ConvGeometry) -> Tensor:
+def run_generator(generator: Callable[[Tensor], Tensor], patches: Tensor, geom: ConvGeometry) -> Tensor:
     """Call the generator and return its weights as ``(B, out_channels, (C // groups) * K)``.
 
     Raises:
@@ -264,7 +118,7 @@ def run_generator(generator: Generator, patches: Tensor, geom: ConvGeometry) -> 
         got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise GeneratorOutputError(
             f"The generator must return one weight per patch: expected shape {full} or {flat} "
-            f"for {rows} patches of {geom.patch_size} features "
+            f"for {rows} patches of {geom.generator_width} features "
             f"(out_channels={geom.out_channels}, in_channels // groups="
             f"{geom.in_channels // geom.groups}, kernel_size={geom.kernel_size}), got {got}."
         )
@@ -278,6 +132,18 @@ def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
     w = weights.reshape(rows * groups, geom.out_channels // groups, per_group)
     p = patches.reshape(rows * groups, per_group, 1)
     return torch.bmm(w, p).view(rows, geom.out_channels)
+
+
+def broadcast_bias(bias: Tensor, ndim: int) -> Tensor:
+    """``bias`` ``(O,)`` as ``(1, O, 1, ...)``, to add to an output with ``ndim`` spatial dims."""
+    return bias.view(1, -1, *([1] * ndim))
+
+
+def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    """``y`` ``(N, O, *spatial)`` plus ``bias``, in ``y``'s dtype, in place (a result no graph holds)."""
+    if bias is not None:
+        y += broadcast_bias(bias, y.dim() - 2).to(y.dtype)
+    return y
 
 
 def _output_rows(y: Tensor, geom: ConvGeometry) -> Tensor:
@@ -305,22 +171,13 @@ def _warn_oom_once(start: int, end: int, size: int) -> None:
 _oom_warned = False
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def forward_chunks(
-    x: Tensor,
+    streams: Sequence[Stream],
     step: BoundStep,
     geom: ConvGeometry,
     chunk_size: int,
     out_dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """The output ``(N, O, *out_spatial)`` without bias, and the chunk ranges actually used.
 
@@ -329,22 +186,22 @@ def forward_chunks(
     makes are those backward will replay); nothing computed before is lost. Backward must replay
     the same ranges, so they are returned.
     """
-    y = torch.empty((geom.batch, geom.out_channels, *geom.out_spatial), dtype=out_dtype, device=x.device)
-    rows = _output_rows(y, geom)
-    x_pad = pad_input(x, geom)
+    y = torch.empty((geom.batch, geom.out_channels, *geom.out_spatial), dtype=out_dtype, device=device)
+    out_rows = _output_rows(y, geom)
     used: list[tuple[int, int]] = []
     start, size, total = 0, chunk_size, geom.num_patches
     while start < total:
         end = min(start + size, total)
-        rng = _rng_state(x.device)
+        rng = RngState.capture(device)
         try:
             chunk = ChunkIndex.build(start, end, geom)
-            patches = gather_patches(x_pad, chunk, geom)
-            _blockwise(rows, chunk.rows, step(patches).to(out_dtype), "write")
+            out = step(tuple(s.gather(chunk) for s in streams))
+            blockwise(out_rows, chunk.rows, out.to(out_dtype), "write")
+            del out  # before the next chunk's rows are gathered: one chunk's working set at a time
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
-            _set_rng_state(rng, x.device)
+            rng.restore()
             size = (end - start) // 2
             _warn_oom_once(start, end, size)
             continue
@@ -354,36 +211,32 @@ def forward_chunks(
 
 
 def backward_chunks(
-    x: Tensor,
+    streams: Sequence[Stream],
     step: BoundStep,
     geom: ConvGeometry,
     ranges: Sequence[tuple[int, int]],
     grad_y: Tensor,
     *,
-    input_grad: bool,
     splittable: bool = True,
-) -> tuple[Tensor | None, list[Tensor | None]]:
-    """Recompute every chunk and return the gradients of ``x`` and of the step's parameters.
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Recompute every chunk; return the gradients of the streams' sources and of the step's parameters.
 
     Must run with grad mode enabled and with the RNG and autocast state of the forward
     restored by the caller, replaying the forward's chunk ``ranges`` so that each chunk is
-    recomputed exactly. Parameter gradients are summed over chunks; patch gradients are
-    scattered into one padded buffer that is mapped back through the padding at the end.
-    A chunk that runs out of device memory is split in two and retried when ``splittable``
-    (the generator draws no random numbers, so smaller chunks recompute the same values).
-    The parameter gradients are summed in at least float32 (:func:`accumulation_dtype`) and
-    cast back at the end, so that a half-precision call does not lose accuracy as the number
-    of chunks grows. The input gradient is accumulated in ``x``'s dtype: each of its elements
-    receives at most ``prod(kernel_size)`` patch gradients whatever the chunking, so a float32
-    buffer (twice the memory of the largest buffer, for half inputs) would buy little.
+    recomputed exactly. Parameter gradients are summed over chunks; each stream that wants a
+    gradient receives its rows' gradients chunk by chunk. A chunk that runs out of device memory
+    is split in two and retried when ``splittable`` (the generator draws no random numbers, so
+    smaller chunks recompute the same values). The parameter gradients are summed in at least
+    float32 (:func:`accumulation_dtype`) and cast back at the end, so that a half-precision call
+    does not lose accuracy as the number of chunks grows. Input gradients are accumulated in the
+    input's dtype: each of its elements receives at most ``prod(kernel_size)`` patch gradients
+    whatever the chunking, so a float32 buffer (twice the memory of the largest buffer, for half
+    inputs) would buy little.
     """
     wanted = list(step.leaves)
-    if not (input_grad or wanted):
-        return None, step.param_grads([None] * len(wanted))
-    x_leaf = x.detach().requires_grad_(input_grad)
-    x_pad = pad_input(x_leaf, geom)
-    source = x_pad.detach()
-    grad_pad = torch.zeros(source.shape, dtype=x.dtype, device=x.device) if input_grad else None
+    graded = [i for i, s in enumerate(streams) if s.requires_grad]
+    if not (graded or wanted):
+        return [None] * len(streams), step.param_grads([None] * len(wanted))
     grad_rows = _output_rows(grad_y, geom)
     param_grads: list[Tensor | None] = [None] * len(wanted)
     pending = list(reversed(ranges))
@@ -391,12 +244,13 @@ def backward_chunks(
         start, end = pending.pop()
         try:
             chunk = ChunkIndex.build(start, end, geom)
-            patches = gather_patches(source, chunk, geom).requires_grad_(input_grad)
-            out = step(patches)
-            targets = ([patches] if input_grad else []) + wanted
+            rows = tuple(s.gather(chunk).requires_grad_(s.requires_grad) for s in streams)
+            out = step(rows)
+            targets = [rows[i] for i in graded] + wanted
             upstream = torch.empty(end - start, geom.out_channels, dtype=out.dtype, device=out.device)
-            _blockwise(grad_rows, chunk.rows, upstream, "read")  # copy_ casts to out's dtype
+            blockwise(grad_rows, chunk.rows, upstream, "read")  # copy_ casts to out's dtype
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
+            del out, rows, targets, upstream  # free this chunk's graph before the next is built
         except torch.OutOfMemoryError:
             if not splittable or end - start == 1:
                 raise
@@ -404,31 +258,35 @@ def backward_chunks(
             _warn_oom_once(start, end, mid - start)
             pending += [(mid, end), (start, mid)]
             continue
-        if input_grad:
-            assert grad_pad is not None
-            if grads[0] is not None:
-                scatter_patch_grads(grad_pad, grads[0].to(grad_pad.dtype), chunk, geom)
-            grads = grads[1:]
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if param_grads[i] is None:
-                param_grads[i] = g.to(accumulation_dtype(g.dtype), copy=True)
-            else:
-                param_grads[i].add_(g)
-    grad_x = None
-    if input_grad:
-        assert grad_pad is not None
-        grad_x = grad_pad if x_pad is x_leaf else torch.autograd.grad(x_pad, x_leaf, grad_pad)[0]
+        _deliver(streams, graded, chunk, grads, param_grads)
+        del grads
+    source_grads = [s.grad() if s.requires_grad else None for s in streams]
     # back to each leaf's dtype (the sums ran in float32 for half-precision leaves)
-    summed = [_cast(g, leaf.dtype) for g, leaf in zip(param_grads, wanted)]
-    return grad_x, step.param_grads(summed)
+    summed = [None if g is None else g.to(leaf.dtype) for g, leaf in zip(param_grads, wanted)]
+    return source_grads, step.param_grads(summed)
+
+
+def _deliver(
+    streams: Sequence[Stream],
+    graded: Sequence[int],
+    chunk: ChunkIndex,
+    grads: Sequence[Tensor | None],
+    param_grads: list[Tensor | None],
+) -> None:
+    """Hand the rows' gradients to their streams and add the parameters' to the running sums."""
+    for i, g in zip(graded, grads):
+        if g is not None:
+            streams[i].add_grad(chunk, g)
+    for i, g in enumerate(grads[len(graded) :]):
+        if g is None:
+            continue
+        accumulated = param_grads[i]
+        if accumulated is None:
+            param_grads[i] = g.to(accumulation_dtype(g.dtype), copy=True)
+        else:
+            accumulated.add_(g)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Return the dtype sums over chunks run in: ``dtype``, but at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)

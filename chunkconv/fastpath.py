@@ -9,8 +9,9 @@ so the per-patch weights never have to exist. This module owns everything about 
 decided from shapes and module structure alone, before any tensor work: whether a generator
 qualifies (:func:`find_linear_tail`), which of the three contraction orders is cheapest
 (:func:`contraction_costs`, :func:`choose_order`), how many bytes per patch the fast path's
-intermediates take (:func:`fast_path_bytes_per_patch`, for the planner), and which path runs and
-why (:func:`choose_path` -> :class:`PathChoice`). The tensor work is in :mod:`.fast_execute`.
+intermediates take (:func:`fast_path_bytes_per_patch`, for the planner), and which path, order and
+backend run and why (:func:`choose_path` -> :class:`PathChoice`, plain data that a plan keeps;
+the modules stay with the step). The tensor work is in :mod:`.fast_execute` and :mod:`.backends`.
 
 The three orders, per patch, with ``G`` groups, ``Og = O / G``, ``Pg = P / G``, ``H = hidden``
 (each does the same main GEMM of ``2 * O * Pg * H`` FLOPs; they differ in what they write):
@@ -29,6 +30,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .backends import BACKENDS
+from .checks import PATHS, check_path
 from .geometry import ConvGeometry
 
 __all__ = [
@@ -47,7 +50,6 @@ __all__ = [
 
 Order = Literal["weights", "patch_first", "hidden_first"]
 ORDERS: tuple[Order, ...] = ("weights", "patch_first", "hidden_first")
-PATHS = ("auto", "fast", "generic")
 
 # Machine balance used to weigh bytes against FLOPs (FLOPs one byte of traffic costs). Every
 # order does the same main GEMM, so this only decides between orders whose intermediates differ;
@@ -101,15 +103,18 @@ def find_linear_tail(generator: object, geom: ConvGeometry) -> tuple[LinearTail 
     """
     if not isinstance(generator, nn.Module):
         return None, f"the generator is a plain callable ({type(generator).__name__}), not an nn.Module"
+    body: nn.Module | None
     if type(generator) is nn.Linear:
         body, linear, prefix = None, generator, ""
-    elif type(generator) is nn.Sequential:
+    elif isinstance(generator, nn.Sequential) and type(generator) is nn.Sequential:
         if len(generator) == 0:
             return None, "the generator is an empty nn.Sequential"
         last_key = list(generator._modules)[-1]
-        linear = generator._modules[last_key]
-        if type(linear) is not nn.Linear:
-            return None, f"the last module of the nn.Sequential is {type(linear).__name__}, not nn.Linear"
+        last = generator._modules[last_key]
+        if type(last) is not nn.Linear:
+            return None, f"the last module of the nn.Sequential is {type(last).__name__}, not nn.Linear"
+        assert isinstance(last, nn.Linear)
+        linear = last
         body = generator[:-1] if len(generator) > 1 else None
         prefix = f"{last_key}."
         if _hooked(generator):
@@ -129,7 +134,8 @@ def find_linear_tail(generator: object, geom: ConvGeometry) -> tuple[LinearTail 
         return None, "the last nn.Linear shares its parameters with the body"
     weight_name = names.get(id(linear.weight), prefix + "weight")
     bias_name = None if linear.bias is None else names.get(id(linear.bias), prefix + "bias")
-    kind = "nn.Linear" if body is None else f"nn.Sequential of {len(generator)} modules ending in nn.Linear"
+    count = len(list(generator.children()))
+    kind = "nn.Linear" if body is None else f"nn.Sequential of {count} modules ending in nn.Linear"
     return LinearTail(body, linear, weight_name, bias_name), f"the generator is an {kind}"
 
 
@@ -208,23 +214,24 @@ def fast_path_bytes_per_patch(
 
 @dataclass(frozen=True)
 class PathChoice:
-    """Which path runs and why; shown by :class:`~chunkconv.planner.Plan`.
+    """Which path runs and why; shown by :class:`~chunkconv.planner.Plan`. Plain data: no modules.
 
     Attributes:
         path: ``"fast"`` or ``"generic"``.
         reason: why, in words.
-        tail: the split generator (fast path only).
-        order: the contraction order of the PyTorch fast path (fast path only).
+        order: the contraction order of the PyTorch backend (fast path only).
+        hidden: the last Linear's ``in_features`` (fast path only).
         bytes_per_patch: the fast path's :class:`FastPathBytes` (fast path only).
-        backend: ``"triton"`` (fused kernels) or ``"torch"`` (``order``'s GEMMs) (fast path only).
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (``order``'s GEMMs) (fast path only);
+            see :mod:`chunkconv.backends`.
         backend_reason: why Triton does not run, where it does not.
 
     """
 
     path: Literal["fast", "generic"]
     reason: str
-    tail: LinearTail | None = None
     order: Order | None = None
+    hidden: int | None = None
     bytes_per_patch: FastPathBytes | None = None
     backend: Literal["torch", "triton"] | None = None
     backend_reason: str | None = None
@@ -266,8 +273,8 @@ def choose_path(
             does not end in ``nn.Linear``.
 
     """
-    if path not in PATHS:
-        raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
+    check_path(path)
+    device = torch.device(device)
     if order is not None and order not in ORDERS:
         raise ValueError(f"Invalid value for `order`; expected one of {ORDERS} or None, got {order=}.")
     if path == "generic":
@@ -281,17 +288,14 @@ def choose_path(
                 f"{geom.weight_numel}; but {why}. Use path='auto' or 'generic'."
             )
         return PathChoice("generic", why)
-    cost = choose_order(geom, tail.hidden, dtype) if order is None else None
-    chosen = order if order is not None else cost.order  # type: ignore[union-attr]
+    chosen = order if order is not None else choose_order(geom, tail.hidden, dtype).order
     reason = why if path == "auto" else f"path='fast' given; {why}"
-    from .kernels import triton_unavailable  # imports no Triton
-
-    no_triton = triton_unavailable(torch.device(device), dtype, tail.hidden) if order is None else "order given"
+    no_triton = "order given" if order is not None else BACKENDS["triton"].unavailable(device, dtype, tail.hidden)
     return PathChoice(
         "fast",
         reason,
-        tail,
         chosen,
+        tail.hidden,
         fast_path_bytes_per_patch(geom, tail.hidden, dtype, chosen),
         "torch" if no_triton else "triton",
         no_triton,

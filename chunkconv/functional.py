@@ -1,29 +1,31 @@
-"""The functional API: validate everything, plan, then run.
+"""The functional API: describe the call (every check), plan, then run.
 
-``dynamic_conv1d/2d/3d`` (and ``dynamic_conv``, which takes the number of
-spatial dims from ``kernel_size``) check every argument and the generator
-before any tensor work, ask the planner for a chunking, and run it through the
-autograd Function when a gradient is needed or straight through the executor
-when not (no saved tensors under ``torch.no_grad``/``inference_mode``).
+``dynamic_conv1d/2d/3d`` (and ``dynamic_conv``, which takes the number of spatial dims from
+``kernel_size``) check every argument and the generator before any tensor work
+(:func:`chunkconv.call.describe_call`), ask the planner for a chunking, and run it through the
+autograd Function when a gradient is needed or straight through the executor when not (no saved
+tensors under ``torch.no_grad``/``inference_mode``).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
-from .errors import BatchCoupledGeneratorError
-from .execute import ChunkStep, GeneratorStep, forward_chunks
-from .fast_execute import LinearTailStep
-from .fastpath import choose_path
-from .geometry import ConvGeometry, ConvSpec, conv_spec_for_input
-from .planner import Plan, make_plan
+from .budget import parse_budget
+from .call import Budget, Call, CallOptions, Generator, describe_call
+from .checks import check_input_type
+from .execute import ChunkStep, add_bias, forward_chunks
+from .fast_execute import build_step
+from .fastpath import PathChoice, choose_path
+from .gather import PatchStream
+from .geometry import ConvSpec, conv_spec_for_input
+from .measure import ProbedCosts, generator_cache, generator_state, remember
+from .planner import Plan, PlanRequest, make_plan
 
 __all__ = [
     "apply_spec",
@@ -35,199 +37,69 @@ __all__ = [
     "plan_spec",
 ]
 
-Generator = Callable[[Tensor], Tensor]
-Budget = str | int | float | None
 
-# Modules whose output for one row depends on the other rows of the same call
-# when given a 2-D (B, features) tensor: chunking would change their results.
-_ATTENTION_TYPES = (
-    nn.MultiheadAttention,
-    nn.Transformer,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-)
-
-
-# The dtypes autocast casts to its lower precision (it leaves float64 alone).
-_AUTOCAST_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-
-
-def _batch_coupled_reason(generator: Generator) -> str | None:
-    if not isinstance(generator, nn.Module):
-        return None
-    for name, module in generator.named_modules():
-        where = f" (at {name!r})" if name else ""
-        kind = type(module).__name__
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.training:
-                return f"{kind}{where} is in training mode, so it normalises with the statistics of the chunk"
-            if module.running_mean is None:
-                return f"{kind}{where} has track_running_stats=False, so it always uses the chunk's statistics"
-        if isinstance(module, _ATTENTION_TYPES):
-            return f"{kind}{where} attends across the rows of its 2-D input, i.e. across the patches of the chunk"
-    return None
-
-
-def _sharded_reason(generator: Generator) -> str | None:
-    """Say where the generator is wrapped by FSDP, whose forward would fight the recomputation."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded by anyone who can have wrapped it
-    if fsdp is None or not isinstance(generator, nn.Module):
-        return None
-    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
-    for name, module in generator.named_modules():
-        if isinstance(module, kinds):
-            where = f"the generator's submodule {name!r}" if name else "the generator"
-            return f"{where} is sharded by {type(module).__name__}"
-    return None
-
-
-def _check_generator(
-    generator: Generator, device: torch.device, dtype: torch.dtype, allow_batch_coupled: bool
-) -> dict[str, Tensor]:
-    """Refuse generators that cannot work on the input; return the parameters autograd must track."""
-    if not callable(generator):
-        raise TypeError(
-            f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
-        )
-    if not allow_batch_coupled:
-        reason = _batch_coupled_reason(generator)
-        if reason is not None:
-            raise BatchCoupledGeneratorError(
-                f"The generator mixes patches of one call: {reason}. Its output for one patch would "
-                "depend on which other patches share its chunk, so results would change with the "
-                "chunk size. Put the generator in eval mode (generator.eval()), use a per-patch "
-                "normalisation (LayerNorm, GroupNorm), or pass allow_batch_coupled=True to accept "
-                "chunk-dependent results."
-            )
-    sharded = _sharded_reason(generator)
-    if sharded is not None:
-        raise ValueError(
-            f"Invalid `generator`: {sharded}. FSDP gathers and frees the parameters of a module "
-            "around each of its forward calls, but chunkconv calls the generator once per chunk and "
-            "again per chunk in backward with its parameters swapped for stand-ins, so its gradients "
-            "would be lost. Shard the DynamicConv layer (or a module containing it) instead: "
-            "fully_shard(conv), not fully_shard(conv.generator)."
-        )
-    if not isinstance(generator, nn.Module):
-        return {}
-    autocast = torch.is_autocast_enabled(device.type)
-    for name, tensor in [*generator.named_parameters(), *generator.named_buffers()]:
-        if tensor.device != device:
-            raise ValueError(
-                f"The generator's {name!r} is on {tensor.device} but the input is on {device}; "
-                "expected both on the same device (move the generator with .to(device))."
-            )
-        cast_by_autocast = autocast and {tensor.dtype, dtype} <= _AUTOCAST_DTYPES
-        if tensor.is_floating_point() and tensor.dtype != dtype and not cast_by_autocast:
-            raise ValueError(
-                f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {dtype}; "
-                "expected the same dtype (convert one with .to(dtype), or run under torch.autocast, "
-                "which casts float32/float16/bfloat16 but not float64)."
-            )
-    return dict(generator.named_parameters())
-
-
-def _result_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The output dtype torch's conv would give for an input under the current autocast state."""
-    if torch.is_autocast_enabled(device.type) and dtype in _AUTOCAST_DTYPES:
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
-def _check_bias(bias: Tensor | None, device: torch.device, out_channels: int) -> None:
-    if bias is None:
-        return
-    if not isinstance(bias, Tensor):
-        raise TypeError(f"Invalid type for `bias`; expected a Tensor or None, got {type(bias).__name__}.")
-    if tuple(bias.shape) != (out_channels,):
-        raise ValueError(
-            f"Invalid shape for `bias`; expected ({out_channels},) for out_channels={out_channels}, "
-            f"got {tuple(bias.shape)}."
-        )
-    if bias.device != device:
-        raise ValueError(f"`bias` is on {bias.device} but the input is on {device}; expected the same device.")
-
-
-def _batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) -> tuple[tuple[int, ...], bool]:
-    """The ``(N, C, *spatial)`` shape of an input and whether it was unbatched."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) not in (ndim + 1, ndim + 2):
-        raise ValueError(
-            f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, "
-            f"got input of shape {shape}."
-        )
-    unbatched = len(shape) == ndim + 1
-    channels = shape[0 if unbatched else 1]
-    if channels != in_channels:
-        raise ValueError(
-            f"Expected input with {in_channels} channels (in_channels={in_channels}), "
-            f"got {channels} channels in input of shape {shape}."
-        )
-    return ((1, *shape) if unbatched else shape), unbatched
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One checked call: its geometry, what needs a gradient, and its plan."""
-
-    geom: ConvGeometry
-    unbatched: bool
-    params: dict[str, Tensor]
-    out_dtype: torch.dtype
-    step: ChunkStep
-    plan: Plan
-
-
-def _check_call(
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: Generator,
-    spec: ConvSpec,
-    bias: Tensor | None,
-    *,
-    budget: Budget,
-    chunk_size: int | None,
-    allow_batch_coupled: bool,
-    path: str,
-    training: bool | None,
-    input_grad: bool,
-    estimate: bool,
-    op: str,
-) -> _Call:
-    """Every check and the plan, from the input's shape, dtype and device: no tensor work."""
-    if not dtype.is_floating_point:
-        raise TypeError(f"Expected a floating-point input to {op}, got dtype {dtype}.")
-    batched, unbatched = _batched_shape(shape, spec.ndim, spec.in_channels, op)
-    geom = spec.geometry(batched)
-    _check_bias(bias, device, spec.out_channels)
-    params = _check_generator(generator, device, dtype, allow_batch_coupled)
-    if training is None:
-        training = torch.is_grad_enabled() and (
-            input_grad or any(t.requires_grad for t in (*params.values(), *([bias] if bias is not None else [])))
-        )
-    out_dtype = _result_dtype(device, dtype)
-    choice = choose_path(generator, geom, out_dtype, path, device=device)
-    step: ChunkStep
-    if choice.path == "fast":
-        step = LinearTailStep(generator, tuple(params), choice, geom)  # type: ignore[arg-type]
-    else:
-        step = GeneratorStep(generator, tuple(params), geom)
-    plan = make_plan(
+def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice, *, estimate: bool) -> Plan:
+    """The call's :class:`Plan`, cached per generator: key, measured cost, choice."""
+    geom, options, device = call.geom, call.options, call.device
+    cache = generator_cache(generator)
+    key = (
+        geom.in_channels,
+        geom.out_channels,
+        geom.kernel_size,
+        geom.stride,
+        geom.dilation,
+        geom.groups,
+        call.dtype,
+        call.out_dtype,
+        device,
+        call.training,
+        call.input_grad,
+        torch.is_autocast_enabled(device.type),
+        generator_state(generator),
+    )
+    step_key = (type(step).__name__, choice.path, choice.order, choice.backend)
+    chunk_size = options.chunk_size
+    budget_spec = repr(options.budget)
+    plan_key = ("plan", key, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
+    if plan_key in cache:
+        return cache[plan_key]
+    module = generator if isinstance(generator, nn.Module) else None
+    request = PlanRequest(
         geom,
-        generator=generator,
-        step=step,
+        call.dtype,
+        call.out_dtype,
+        device,
+        call.training,
+        call.input_grad,
         path=choice,
-        dtype=dtype,
-        out_dtype=out_dtype,
-        device=device,
-        budget=budget,
+        budget=parse_budget(options.budget, device) if chunk_size is None else None,  # fails before probing
+        budget_spec=budget_spec,
         chunk_size=chunk_size,
-        training=training,
-        input_grad=input_grad and training,
+        # over several chunks the previous and the new running sum coexist with a chunk's gradient,
+        # accumulated in at least float32
+        param_bytes=sum(p.numel() * max(4, p.element_size()) for p in module.parameters()) if module else 0,
         estimate=estimate,
     )
-    return _Call(geom, unbatched, params, out_dtype, step, plan)
+    costs = ProbedCosts(
+        step,
+        geom,
+        dtype=call.dtype,
+        out_dtype=call.out_dtype,
+        device=device,
+        training=call.training,
+        input_grad=call.input_grad,
+        cache=cache,
+        key=key,
+        step_key=step_key,
+    )
+    return remember(cache, plan_key, make_plan(request, costs))
+
+
+def _prepare(call: Call, generator: Generator, *, estimate: bool) -> tuple[ChunkStep, Plan]:
+    """The step that runs the call's path, and its plan."""
+    choice = choose_path(generator, call.geom, call.out_dtype, call.options.path, device=call.device)
+    step = build_step(generator, tuple(call.params), choice, call.geom)
+    return step, _plan(call, generator, step, choice, estimate=estimate)
 
 
 @opaque_to_compile
@@ -236,42 +108,35 @@ def apply_spec(
     generator: Generator,
     spec: ConvSpec,
     bias: Tensor | None = None,
+    options: CallOptions | None = None,
     *,
-    budget: Budget = "auto",
-    chunk_size: int | None = None,
-    allow_batch_coupled: bool = False,
-    path: str = "auto",
     op: str = "dynamic_conv",
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
-    call = _check_call(
+    check_input_type(input, op)
+    call = describe_call(
+        op,
         input.shape,
         input.dtype,
         input.device,
         generator,
         spec,
         bias,
-        budget=budget,
-        chunk_size=chunk_size,
-        allow_batch_coupled=allow_batch_coupled,
-        path=path,
+        options or CallOptions(),
         training=None,
         input_grad=input.requires_grad,
-        estimate=False,
-        op=op,
     )
+    step, plan = _prepare(call, generator, estimate=False)
     x = input.unsqueeze(0) if call.unbatched else input
-    geom, chunk = call.geom, call.plan.chunk_size
-    if call.plan.training:
-        run = ForwardContext(call.step, geom, chunk, call.out_dtype)
-        y = DynamicConvFunction.apply(x, bias, run, *call.params.values())
+    geom = call.geom
+    if plan.training:
+        run = ForwardContext(step, geom, plan.chunk_size, call.out_dtype)
+        y = DynamicConvFunction.apply(run, bias, x, *call.params.values())
     else:
         with torch.no_grad():  # nothing to differentiate: record no graph, whatever the generator captures
-            y, _ = forward_chunks(x, call.step.bind(None), geom, chunk, call.out_dtype)
-        if bias is not None:
-            y += bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
+            streams = [PatchStream(x, geom)]
+            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, x.device)
+        add_bias(y, bias)
     return y.squeeze(0) if call.unbatched else y
 
 
@@ -280,11 +145,8 @@ def plan_spec(
     generator: Generator,
     spec: ConvSpec,
     bias: Tensor | None = None,
+    options: CallOptions | None = None,
     *,
-    budget: Budget = "auto",
-    chunk_size: int | None = None,
-    allow_batch_coupled: bool = False,
-    path: str = "auto",
     training: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -292,30 +154,18 @@ def plan_spec(
 ) -> Plan:
     """The :class:`Plan` a call on ``input`` (a tensor, or just its shape) would run."""
     if isinstance(input, Tensor):
-        shape, dtype, dev, input_grad = input.shape, input.dtype, input.device, input.requires_grad
+        shape, dtype, dev, input_grad = tuple(input.shape), input.dtype, input.device, input.requires_grad
     else:
         reference = next(iter(generator.parameters()), None) if isinstance(generator, nn.Module) else None
         dtype = dtype or (reference.dtype if reference is not None else torch.get_default_dtype())
         fallback = reference.device if reference is not None else torch.device("cpu")
         dev = torch.device(device) if device is not None else fallback
         shape, input_grad = tuple(input), True
-    call = _check_call(
-        shape,
-        dtype,
-        dev,
-        generator,
-        spec,
-        bias,
-        budget=budget,
-        chunk_size=chunk_size,
-        allow_batch_coupled=allow_batch_coupled,
-        path=path,
-        training=training,
-        input_grad=input_grad,
-        estimate=True,
-        op=op,
+    options = options or CallOptions()
+    call = describe_call(
+        op, shape, dtype, dev, generator, spec, bias, options, training=training, input_grad=input_grad
     )
-    return call.plan
+    return _prepare(call, generator, estimate=True)[1]
 
 
 _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``generator`` makes from its patch.
@@ -370,22 +220,12 @@ def _functional(ndim: int | None, op: str):
         allow_batch_coupled: bool = False,
         path: str = "auto",
     ) -> Tensor:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
+        check_input_type(input, op)
         spec = conv_spec_for_input(
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
-        return apply_spec(
-            input,
-            generator,
-            spec,
-            bias,
-            budget=budget,
-            chunk_size=chunk_size,
-            allow_batch_coupled=allow_batch_coupled,
-            path=path,
-            op=op,
-        )
+        options = CallOptions(budget, chunk_size, allow_batch_coupled, path)
+        return apply_spec(input, generator, spec, bias, options, op=op)
 
     conv.__name__ = conv.__qualname__ = op
     dims = {1: "L", 2: "H, W", 3: "D, H, W", None: "*spatial"}[ndim]
@@ -457,10 +297,7 @@ def plan(
         generator,
         spec,
         bias,
-        budget=budget,
-        chunk_size=chunk_size,
-        allow_batch_coupled=allow_batch_coupled,
-        path=path,
+        CallOptions(budget, chunk_size, allow_batch_coupled, path),
         training=training,
         dtype=dtype,
         device=device,

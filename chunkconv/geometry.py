@@ -99,8 +99,17 @@ class ConvGeometry:
 
     @property
     def patch_size(self) -> int:
-        """Features of one patch row handed to the generator: ``C * prod(kernel_size)``."""
+        """Features of one patch row, the width the weights contract with: ``C * prod(kernel_size)``."""
         return self.in_channels * self.kernel_numel
+
+    @property
+    def generator_width(self) -> int:
+        """Features of one row the generator receives: the patch's (what it is made from).
+
+        Kept apart from :attr:`patch_size` (the contraction's width): inputs streamed beside the
+        patches widen what the generator sees, not what its weights are applied to.
+        """
+        return self.patch_size
 
     @property
     def weight_numel(self) -> int:
@@ -173,7 +182,8 @@ def conv_geometry(
             for k, dil in zip(kernel_size, dilation)
         )
     else:
-        pads = tuple((p, p) for p in padding)  # type: ignore[union-attr]
+        assert not isinstance(padding, str), padding
+        pads = tuple((p, p) for p in padding)
 
     if padding_mode in ("reflect", "circular"):
         for axis, (size, (left, right)) in enumerate(zip(spatial, pads)):

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .budget import parse_budget
-from .fastpath import PATHS
-from .functional import Budget, apply_spec, plan_spec
+from .call import Budget, CallOptions
+from .checks import check_generator_callable
+from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
-from .planner import Plan, check_chunk_size
+from .planner import Plan
 
 __all__ = ["DynamicConv", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
@@ -84,10 +84,7 @@ class DynamicConv(nn.Module):
         path: str = "auto",
     ) -> None:
         super().__init__()
-        if not callable(generator):
-            raise TypeError(
-                f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
-            )
+        check_generator_callable(generator)
         self.spec = conv_spec(
             self._ndim,
             in_channels=in_channels,
@@ -100,16 +97,10 @@ class DynamicConv(nn.Module):
             padding_mode=padding_mode,
         )
         self.generator = generator
-        check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
-        # Refuse a malformed budget now, not at the first forward. Only its form is checked, against
-        # the CPU: the layer may be built on "meta" (deferred init), whose free memory is unknown.
-        parse_budget(budget, "cpu")
-        self.budget = budget
-        self.allow_batch_coupled = allow_batch_coupled
-        if path not in PATHS:
-            raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
-        self.path = path
+        # checked now, not at the first forward; kept as attributes (they may change between calls)
+        options = CallOptions(budget, chunk_size, allow_batch_coupled, path)
+        self.budget, self.chunk_size = options.budget, options.chunk_size
+        self.allow_batch_coupled, self.path = options.allow_batch_coupled, options.path
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
@@ -133,14 +124,17 @@ class DynamicConv(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _options(self) -> dict:
-        """The call options a forward and a plan share (attributes, so they may change between calls)."""
-        return dict(
-            budget=self.budget, chunk_size=self.chunk_size, allow_batch_coupled=self.allow_batch_coupled, path=self.path
-        )
+    def _options(self) -> CallOptions:
+        """The call options a forward and a plan share, from the attributes (checked when they change)."""
+        current = (self.budget, self.chunk_size, self.allow_batch_coupled, self.path)
+        cached = self.__dict__.get("_checked_options")
+        if cached is None or cached[0] != current:
+            cached = (current, CallOptions(*current))
+            self.__dict__["_checked_options"] = cached
+        return cached[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        return apply_spec(input, self.generator, self.spec, self.bias, **self._options(), op=type(self).__name__)
+        return apply_spec(input, self.generator, self.spec, self.bias, self._options(), op=type(self).__name__)
 
     def plan(
         self,
@@ -170,7 +164,7 @@ class DynamicConv(nn.Module):
             self.generator,
             self.spec,
             self.bias,
-            **self._options(),
+            self._options(),
             training=training,
             dtype=dtype,
             device=device,

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .execute import pad_input
+from .execute import broadcast_bias
+from .gather import pad_input
 from .geometry import ConvGeometry, conv_spec_for_input
 
 __all__ = ["dynamic_conv_reference", "unfold_patches"]
@@ -85,5 +86,5 @@ def dynamic_conv_reference(
     out = out.reshape(geom.batch, geom.locations_per_image, geom.out_channels).transpose(1, 2)
     y = out.reshape(geom.batch, geom.out_channels, *geom.out_spatial)
     if bias is not None:
-        y = y + bias.view(1, -1, *([1] * geom.ndim)).to(y.dtype)
+        y = y + broadcast_bias(bias, geom.ndim).to(y.dtype)
     return y.squeeze(0) if unbatched else y

@@ -143,6 +143,7 @@ def conv_cases(
     elif padding == "valid":
         pads = [(0, 0)] * ndim
     else:
+        assert not isinstance(padding, str), padding
         pads = [(p, p) for p in padding]
     span = (7, 4, 2)[ndim - 1]
     spatial = tuple(

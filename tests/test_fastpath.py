@@ -11,8 +11,9 @@ from torch.nn.utils import parametrize
 
 import chunkconv
 from chunkconv.autograd import DynamicConvFunction, ForwardContext
+from chunkconv.call import CallOptions
 from chunkconv.errors import GeneratorOutputError
-from chunkconv.fast_execute import LinearTailStep
+from chunkconv.fast_execute import build_step
 from chunkconv.fastpath import choose_order, choose_path, contraction_costs, fast_path_bytes_per_patch
 from chunkconv.functional import plan_spec
 from chunkconv.geometry import conv_spec
@@ -72,8 +73,8 @@ def _check(gen, spec, shape, *, chunk_size, bias=True, path="fast", order=None, 
         geom = spec.geometry(xb.shape)
         choice = choose_path(gen, geom, F64, "fast", order=order)
         named = dict(gen.named_parameters())
-        run = ForwardContext(LinearTailStep(gen, tuple(named), choice, geom), geom, chunk_size, F64)
-        y = DynamicConvFunction.apply(xb, b, run, *named.values())
+        run = ForwardContext(build_step(gen, tuple(named), choice, geom), geom, chunk_size, F64)
+        y = DynamicConvFunction.apply(run, b, xb, *named.values())
         return y.squeeze(0) if unbatched else y
 
     def reference(inp):
@@ -134,7 +135,7 @@ def test_property_both_paths_match_reference(case, path, hidden, data):
 
 def _plan(gen, spec, shape=(1, 4, 5, 5), path="auto", budget="auto"):
     x = torch.randn(shape, dtype=F64)
-    return plan_spec(x, gen, spec, path=path, training=False, budget=budget)
+    return plan_spec(x, gen, spec, options=CallOptions(budget=budget, path=path), training=False)
 
 
 def test_auto_picks_the_fast_path_and_the_plan_says_so():

@@ -174,8 +174,8 @@ def test_channels_last_input_equals_contiguous_and_is_gathered_in_place(monkeypa
     xl = x.to(memory_format=torch.channels_last)
     assert not xl.is_contiguous()
     sources = []
-    gather = chunkconv.execute.gather_patches
-    monkeypatch.setattr(chunkconv.execute, "gather_patches", lambda src, *a: (sources.append(src), gather(src, *a))[1])
+    gather = chunkconv.gather.gather_patches
+    monkeypatch.setattr(chunkconv.gather, "gather_patches", lambda src, *a: (sources.append(src), gather(src, *a))[1])
     x1, x2 = x.clone().requires_grad_(), xl.clone().requires_grad_()
     y1, y2 = conv(x1), conv(x2)
     assert torch.equal(y1, y2)

@@ -100,7 +100,7 @@ def test_budget_too_small_is_raised_before_any_work():
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(chunkconv.BudgetTooSmallError, match=r"inspect the costs with `conv.plan\(x\)`"):
         chunkconv.dynamic_conv2d(x, gen, 4, 3, budget="1kB")
-    assert all(n in chunkconv.planner._PROBE_ROWS["cpu"] for n in calls)  # only the planner's probes ran
+    assert all(n in chunkconv.measure.PROBE_ROWS["cpu"] for n in calls)  # only the planner's probes ran
 
 
 @given(budgets=st.lists(st.integers(50_000, 50_000_000), min_size=2, max_size=6))
@@ -292,11 +292,13 @@ def test_forward_retry_after_out_of_memory_replays_the_same_random_numbers():
 
 def test_cuda_training_plans_count_the_backward_threads_cublas_workspace():
     # autograd's CUDA thread gets its own cuBLAS workspace, which the probes (on this thread) miss
-    from chunkconv.planner import CUDA_BACKWARD_WORKSPACE, _fixed_costs
+    from chunkconv.planner import CUDA_BACKWARD_WORKSPACE, PlanRequest, fixed_costs
 
     geom = conv_spec(2, in_channels=2, out_channels=3, kernel_size=3, padding=1).geometry((1, 2, 8, 8))
     costs = {
-        kind: _fixed_costs(geom, torch.float32, torch.float32, 1000, True, torch.device(kind))
+        kind: fixed_costs(
+            PlanRequest(geom, torch.float32, torch.float32, torch.device(kind), True, True, param_bytes=1000)
+        )
         for kind in ("cpu", "cuda")
     }
     assert costs["cuda"][0] == costs["cpu"][0]  # forward: no autograd thread

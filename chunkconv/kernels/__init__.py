@@ -48,7 +48,8 @@ def tf32_allowed() -> bool:
     return bool(matmul.allow_tf32)  # torch < 2.9
 
 
-# Hidden widths up to this run in the kernels (their widest tile; see contract.MAX_HIDDEN_TILE).
+# Hidden widths up to this run in the kernels: the widest T tile (BO * HP columns) their configs hold.
+# The one definition: the kernels' config pruning reads it too; wider hidden layers use PyTorch.
 MAX_HIDDEN = 256
 
 

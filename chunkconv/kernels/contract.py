@@ -37,12 +37,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import ConvGeometry
-from . import interpreting, tf32_allowed
+from . import MAX_HIDDEN, interpreting, tf32_allowed
 
-__all__ = ["MAX_HIDDEN_TILE", "TritonContract", "contract_backward", "contract_forward"]
+__all__ = ["TritonContract", "contract_backward", "contract_forward"]
 
-# The widest T tile (BO * HP columns) the configs hold: hidden widths above it use PyTorch.
-MAX_HIDDEN_TILE = 256
 
 
 def _configs() -> list[triton.Config]:
@@ -61,9 +59,9 @@ _SMALLEST_BB = min(c.kwargs["BB"] for c in _configs())
 
 def _prune(configs, named_args, **kwargs):
     # BN is the width of the T tile, BO * HP: keep the widths that fit HP and are not wider than needed
-    # (HP <= MAX_HIDDEN_TILE is checked before launching); one or two widths, autotuned
+    # (HP <= MAX_HIDDEN is checked before launching); one or two widths, autotuned
     hp = kwargs.get("HP", named_args.get("HP"))
-    want = min(max(16, hp * triton.next_power_of_2(named_args["Og"])), MAX_HIDDEN_TILE)
+    want = min(max(16, hp * triton.next_power_of_2(named_args["Og"])), MAX_HIDDEN)
     widths = {want, max(want // 2, hp, 16)}
     return [c for c in configs if c.kwargs["BN"] in widths] or [configs[0]]
 

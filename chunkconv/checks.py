@@ -1,0 +1,197 @@
+"""Every check of a call's arguments that needs more than the convolution's geometry.
+
+One module for them (as NATTEN keeps its ``utils/checks.py``), so each rule is written once and
+each message is worded once: what is wrong, what was expected, what was got. The convolution's own
+arguments (``kernel_size``, ``padding``, ...) are normalised in :mod:`.geometry`. Nothing here
+touches tensor data: checks look at types, shapes, dtypes, devices and module structure only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .budget import parse_budget
+from .errors import BatchCoupledGeneratorError
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "PATHS",
+    "batched_shape",
+    "check_bias",
+    "check_budget_form",
+    "check_chunk_size",
+    "check_generator",
+    "check_generator_callable",
+    "check_input_dtype",
+    "check_input_type",
+    "check_path",
+]
+
+PATHS = ("auto", "fast", "generic")
+
+# The dtypes autocast casts to its lower precision (it leaves float64 alone).
+AUTOCAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+# Modules whose output for one row depends on the other rows of the same call
+# when given a 2-D (B, features) tensor: chunking would change their results.
+_ATTENTION_TYPES = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """Refuse a ``chunk_size`` that is neither ``None`` nor an int >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Invalid value for `chunk_size`; expected an int >= 1 or None, got {chunk_size=}.")
+
+
+def check_path(path: object) -> None:
+    """Refuse a ``path`` that is not one of :data:`PATHS`."""
+    if path not in PATHS:
+        raise ValueError(f"Invalid value for `path`; expected one of {PATHS}, got {path=}.")
+
+
+def check_budget_form(budget: object) -> None:
+    """Refuse a malformed budget before any call.
+
+    Only its form is checked, against the CPU: a layer may be built on ``"meta"`` (deferred init),
+    whose free memory is unknown; fractions and ``"auto"`` are resolved per call.
+    """
+    parse_budget(budget, "cpu")  # type: ignore[arg-type]
+
+
+# -- the generator -----------------------------------------------------------------------------
+
+
+def check_generator_callable(generator: object) -> None:
+    if not callable(generator):
+        raise TypeError(
+            f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
+        )
+
+
+def _batch_coupled_reason(generator: object) -> str | None:
+    if not isinstance(generator, nn.Module):
+        return None
+    for name, module in generator.named_modules():
+        where = f" (at {name!r})" if name else ""
+        kind = type(module).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training:
+                return f"{kind}{where} is in training mode, so it normalises with the statistics of the chunk"
+            if module.running_mean is None:
+                return f"{kind}{where} has track_running_stats=False, so it always uses the chunk's statistics"
+        if isinstance(module, _ATTENTION_TYPES):
+            return f"{kind}{where} attends across the rows of its 2-D input, i.e. across the patches of the chunk"
+    return None
+
+
+def _sharded_reason(generator: object) -> str | None:
+    """Say where the generator is wrapped by FSDP, whose forward would fight the recomputation."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded by anyone who can have wrapped it
+    if fsdp is None or not isinstance(generator, nn.Module):
+        return None
+    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
+    for name, module in generator.named_modules():
+        if isinstance(module, kinds):
+            where = f"the generator's submodule {name!r}" if name else "the generator"
+            return f"{where} is sharded by {type(module).__name__}"
+    return None
+
+
+def check_generator(
+    generator: Callable | nn.Module, device: torch.device, dtype: torch.dtype, allow_batch_coupled: bool
+) -> dict[str, Tensor]:
+    """Refuse generators that cannot work on the input; return the parameters autograd must track."""
+    check_generator_callable(generator)
+    if not allow_batch_coupled:
+        reason = _batch_coupled_reason(generator)
+        if reason is not None:
+            raise BatchCoupledGeneratorError(
+                f"The generator mixes patches of one call: {reason}. Its output for one patch would "
+                "depend on which other patches share its chunk, so results would change with the "
+                "chunk size. Put the generator in eval mode (generator.eval()), use a per-patch "
+                "normalisation (LayerNorm, GroupNorm), or pass allow_batch_coupled=True to accept "
+                "chunk-dependent results."
+            )
+    sharded = _sharded_reason(generator)
+    if sharded is not None:
+        raise ValueError(
+            f"Invalid `generator`: {sharded}. FSDP gathers and frees the parameters of a module "
+            "around each of its forward calls, but chunkconv calls the generator once per chunk and "
+            "again per chunk in backward with its parameters swapped for stand-ins, so its gradients "
+            "would be lost. Shard the DynamicConv layer (or a module containing it) instead: "
+            "fully_shard(conv), not fully_shard(conv.generator)."
+        )
+    if not isinstance(generator, nn.Module):
+        return {}
+    autocast = torch.is_autocast_enabled(device.type)
+    for name, tensor in [*generator.named_parameters(), *generator.named_buffers()]:
+        if tensor.device != device:
+            raise ValueError(
+                f"The generator's {name!r} is on {tensor.device} but the input is on {device}; "
+                "expected both on the same device (move the generator with .to(device))."
+            )
+        cast_by_autocast = autocast and {tensor.dtype, dtype} <= AUTOCAST_DTYPES
+        if tensor.is_floating_point() and tensor.dtype != dtype and not cast_by_autocast:
+            raise ValueError(
+                f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {dtype}; "
+                "expected the same dtype (convert one with .to(dtype), or run under torch.autocast, "
+                "which casts float32/float16/bfloat16 but not float64)."
+            )
+    return dict(generator.named_parameters())
+
+
+# -- input and bias ----------------------------------------------------------------------------
+
+
+def check_input_type(input: object, op: str) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
+
+
+def check_input_dtype(dtype: torch.dtype, op: str) -> None:
+    if not dtype.is_floating_point:
+        raise TypeError(f"Expected a floating-point input to {op}, got dtype {dtype}.")
+
+
+def batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) -> tuple[tuple[int, ...], bool]:
+    """The ``(N, C, *spatial)`` shape of an input and whether it was unbatched."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (ndim + 1, ndim + 2):
+        raise ValueError(
+            f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, "
+            f"got input of shape {shape}."
+        )
+    unbatched = len(shape) == ndim + 1
+    channels = shape[0 if unbatched else 1]
+    if channels != in_channels:
+        raise ValueError(
+            f"Expected input with {in_channels} channels (in_channels={in_channels}), "
+            f"got {channels} channels in input of shape {shape}."
+        )
+    return ((1, *shape) if unbatched else shape), unbatched
+
+
+def check_bias(bias: object, device: torch.device, out_channels: int) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"Invalid type for `bias`; expected a Tensor or None, got {type(bias).__name__}.")
+    if tuple(bias.shape) != (out_channels,):
+        raise ValueError(
+            f"Invalid shape for `bias`; expected ({out_channels},) for out_channels={out_channels}, "
+            f"got {tuple(bias.shape)}."
+        )
+    if bias.device != device:
+        raise ValueError(f"`bias` is on {bias.device} but the input is on {device}; expected the same device.")

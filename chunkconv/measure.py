@@ -1,0 +1,339 @@
+"""Measure what one chunk step of the generator allocates; the planner turns it into chunk sizes.
+
+The generator is arbitrary, so instead of assuming an MLP the real step of the path that will run
+(gather, generator, contraction; and backward's recompute-and-differentiate) is run on a few small
+probe batches under :class:`~chunkconv.memory.MemoryTracker`, giving bytes at those sizes
+(:class:`StepCost`, interpolated piecewise linearly). Probes run on detached parameters, cloned
+buffers and a forked random stream, so they change nothing the user owns. Measurements and plans
+are cached per generator (weakly: dropping the generator drops them) and hold plain data only.
+:class:`ProbedCosts` is what the planner asks for costs; the planner itself never runs a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .binding import buffer_copies
+from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
+from .gather import PatchStream
+from .geometry import ConvGeometry, conv_geometry
+from .memory import MemoryTracker
+from .replay import forked_rng
+
+__all__ = [
+    "PROBE_ROWS",
+    "ChunkCost",
+    "ProbedCosts",
+    "StepCost",
+    "generator_cache",
+    "generator_state",
+    "measure_step_cost",
+    "probe_sizes",
+    "remember",
+]
+
+# Probe sizes (patches per probe chunk): large enough that per-patch costs dominate, small
+# enough to be cheap. CUDA's allocator rounds small blocks, so probe it larger.
+# The step's bytes are not one line (e.g. the end-of-call gradient chain dominates small chunks,
+# the chunk's activations large ones), so they are measured at several sizes and interpolated
+# piecewise linearly; beyond the largest probe the last segment's line holds. The first two
+# probes are tiny, so that probing fits any budget the call itself fits (two rows, not one:
+# a BatchNorm in training mode, if allowed, needs more than one row).
+PROBE_ROWS = {"cpu": (2, 4, 16, 64, 256, 1024), "cuda": (2, 8, 128, 512, 2048, 8192)}
+# A probe is skipped when this many times the largest cost so far, scaled to its size, would
+# exceed the budget: probing must not allocate more than the call it plans for.
+_PROBE_HEADROOM = 1.5
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Bytes one chunk step allocates above what existed before it, measured at a few sizes.
+
+    ``at(B)`` interpolates the measurements piecewise linearly (and extends the first and last
+    segments); ``intercept + per_patch * B`` is the last segment's line, the one that holds for
+    large chunks.
+    """
+
+    points: tuple[tuple[int, int], ...]  # (patches, bytes), increasing patches
+
+    def _lines(self) -> list[tuple[float, float]]:
+        lines = []
+        for (r1, c1), (r2, c2) in zip(self.points, self.points[1:]):
+            slope = max((c2 - c1) / (r2 - r1), 0.0)
+            lines.append((c1 - slope * r1, slope))
+        return lines
+
+    @property
+    def per_patch(self) -> float:
+        return self._lines()[-1][1]
+
+    @property
+    def intercept(self) -> int:
+        return max(0, math.ceil(self._lines()[-1][0]))
+
+    def at(self, patches: int) -> int:
+        lines = self._lines()
+        segment = sum(1 for r, _ in self.points[1:-1] if patches > r)  # the segment patches falls in
+        a, s = lines[min(segment, len(lines) - 1)]
+        return max(0, math.ceil(a + s * patches))
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """The measured cost of one chunk step, forward and (when training) backward."""
+
+    forward: StepCost
+    backward: StepCost | None
+    method: str  # how it was measured, shown in the plan
+
+    def merged(self, other: ChunkCost) -> ChunkCost:
+        """One cost from two sets of measurements of the same step."""
+
+        def points(x: StepCost | None, y: StepCost | None) -> StepCost | None:
+            if x is None or y is None:
+                return None
+            return StepCost(tuple(sorted(dict([*x.points, *y.points]).items())))
+
+        forward = points(self.forward, other.forward)
+        assert forward is not None
+        return ChunkCost(forward, points(self.backward, other.backward), self.method)
+
+
+class _OutputBytes(TorchDispatchMode):
+    """Upper bound of a block's allocations: the bytes of every new storage an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._seen:
+                    self._seen.add(storage.data_ptr())
+                    self.total += storage.nbytes()
+        return out
+
+
+def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[int, str]:
+    try:
+        with MemoryTracker(device) as tracker:
+            fn()
+        return tracker.peak, "measured by the allocator"
+    except RuntimeError as error:  # e.g. a torch.profiler session is running (CPU tracker)
+        if "profiler" not in str(error).lower():
+            raise
+    with _OutputBytes() as mode:
+        fn()
+    return mode.total, "bounded by summing op outputs (a profiler was running)"
+
+
+def probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
+    """One unpadded image with exactly ``rows`` output locations and ``geom``'s kernel."""
+    receptive = [dil * (k - 1) + 1 for k, dil in zip(geom.kernel_size, geom.dilation)]
+    spatial = [(rows - 1) * geom.stride[0] + receptive[0], *receptive[1:]]
+    return conv_geometry(
+        (1, geom.in_channels, *spatial),
+        in_channels=geom.in_channels,
+        out_channels=geom.out_channels,
+        kernel_size=geom.kernel_size,
+        stride=geom.stride,
+        padding=(0,) * geom.ndim,
+        dilation=geom.dilation,
+        groups=geom.groups,
+        padding_mode="zeros",
+    )
+
+
+def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
+    """The probe batches for a call of ``num_patches``: never (much) larger than the call itself."""
+    sizes = PROBE_ROWS.get(device.type, PROBE_ROWS["cuda"])
+    return tuple(r for i, r in enumerate(sizes) if i < 2 or r <= num_patches)
+
+
+def _stand_ins(generator: object) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Detached parameters and cloned buffers, so probing changes nothing the user owns."""
+    if not isinstance(generator, nn.Module):
+        return [], {}
+    params = [p.detach().requires_grad_(p.requires_grad) for p in generator.parameters()]
+    return params, buffer_copies(generator)
+
+
+def measure_step_cost(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    *,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    training: bool,
+    input_grad: bool,
+    sizes: Sequence[int],
+    limit: int | None = None,
+) -> ChunkCost:
+    """Run one real chunk step of ``step`` on probe batches of ``sizes`` patches; bytes at each.
+
+    After the first two, a probe whose predicted cost exceeds ``limit`` bytes is skipped, so that
+    probing never allocates much more than the budget it plans for. Forward hooks on the
+    generator do see the probe calls.
+    """
+    params, buffers = _stand_ins(step.generator)
+
+    def bound() -> BoundStep:  # bound inside each measurement: binding may lay parameters out anew
+        return step.bind(params, buffers) if params or buffers else step.bind(None)
+
+    forward_points: list[tuple[int, int]] = []
+    backward_points: list[tuple[int, int]] = []
+    method = ""
+    with forked_rng(device):
+        for rows in sizes:
+            if limit is not None and len(forward_points) >= 2:
+                last_rows = forward_points[-1][0]
+                largest = max(c for _, c in (*forward_points, *backward_points))
+                if _PROBE_HEADROOM * largest * rows / last_rows > limit:
+                    break
+            probe = probe_geometry(geom, rows)
+            x = torch.randn((1, geom.in_channels, *probe.in_spatial), dtype=dtype, device=device)
+            out_bytes = rows * geom.out_channels * out_dtype.itemsize
+
+            def run_forward(x: Tensor = x, probe: ConvGeometry = probe, rows: int = rows) -> object:
+                return forward_chunks([PatchStream(x, probe)], bound(), probe, rows, out_dtype, device)
+
+            with torch.no_grad():
+                peak, method = _measure(device, run_forward)
+            forward_points.append((rows, max(0, peak - out_bytes)))
+            if training:
+                grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
+
+                def run_backward(
+                    x: Tensor = x, probe: ConvGeometry = probe, rows: int = rows, grad_y: Tensor = grad_y
+                ) -> object:
+                    streams = [PatchStream(x, probe, input_grad=input_grad)]
+                    return backward_chunks(streams, bound(), probe, [(0, rows)], grad_y)
+
+                with torch.enable_grad():
+                    peak, _ = _measure(device, run_backward)
+                grad_buffer = x.numel() * dtype.itemsize if input_grad else 0
+                backward_points.append((rows, max(0, peak - grad_buffer)))
+    return ChunkCost(
+        forward=StepCost(tuple(forward_points)),
+        backward=StepCost(tuple(backward_points)) if training else None,
+        method=method,
+    )
+
+
+# -- caches ------------------------------------------------------------------------------------
+
+_CACHE_LIMIT = 64
+_by_generator: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def generator_cache(generator: object) -> dict[tuple, Any]:
+    """The cache of costs and plans for ``generator`` (forgotten with it; none if not weak-referenceable)."""
+    try:
+        return _by_generator.setdefault(generator, {})
+    except TypeError:  # not weak-referenceable: no caching
+        return {}
+
+
+def remember(cache: dict[tuple, Any], key: tuple, value: Any) -> Any:
+    """Store ``value`` under ``key``, evicting the oldest entry beyond a few dozen."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
+def generator_state(generator: object) -> tuple:
+    """What about the generator changes its cost: modes, parameter and buffer layouts, hooks."""
+    if not isinstance(generator, nn.Module):
+        return ()
+    return (
+        tuple(m.training for m in generator.modules()),
+        tuple((p.shape, p.dtype, p.device, p.requires_grad) for p in generator.parameters()),
+        tuple((b.shape, b.dtype, b.device) for b in generator.buffers()),
+        tuple(bool(m._forward_hooks or m._forward_pre_hooks) for m in generator.modules()),
+    )
+
+
+class ProbedCosts:
+    """The planner's source of measured costs for one call's step (see :class:`~.planner.CostSource`).
+
+    Measurements are cached in ``cache`` under ``key`` (the call's configuration without its
+    input size) and ``step_key`` (which step), so a training loop measures once; a measurement
+    cut short by a small budget is not cached.
+    """
+
+    def __init__(
+        self,
+        step: ChunkStep,
+        geom: ConvGeometry,
+        *,
+        dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        device: torch.device,
+        training: bool,
+        input_grad: bool,
+        cache: dict[tuple, Any],
+        key: tuple,
+        step_key: tuple,
+    ) -> None:
+        self.step, self.geom, self.cache = step, geom, cache
+        self.dtype, self.out_dtype, self.device = dtype, out_dtype, device
+        self.training, self.input_grad = training, input_grad
+        self.sizes = probe_sizes(device, geom.num_patches)
+        self._key = ("cost", key, step_key, self.sizes)
+        self._reference_key = ("cost", key, "generic", self.sizes)
+
+    def _probe(self, step: ChunkStep, sizes: Sequence[int], limit: int | None) -> ChunkCost:
+        return measure_step_cost(
+            step,
+            self.geom,
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
+            device=self.device,
+            training=self.training,
+            input_grad=self.input_grad,
+            sizes=sizes,
+            limit=limit,
+        )
+
+    def _measured(self, step: ChunkStep, key: tuple, limit: int | None) -> ChunkCost:
+        found = self.cache.get(key)
+        if found is None:
+            found = self._probe(step, self.sizes, limit)
+            if len(found.forward.points) == len(self.sizes):  # not cut short by this budget: reusable
+                remember(self.cache, key, found)
+        return found
+
+    def measure(self, limit: int | None) -> ChunkCost:
+        """The step's cost at the probe sizes (probes predicted to exceed ``limit`` bytes skipped)."""
+        return self._measured(self.step, self._key, limit)
+
+    def extend(self, cost: ChunkCost, patches: int) -> ChunkCost:
+        """``cost`` with a measurement at ``patches`` added (a chunk beyond the largest probe)."""
+        extra = self._probe(self.step, (patches,), None)
+        return remember(self.cache, self._key, cost.merged(extra))
+
+    def reference(self, limit: int | None) -> ChunkCost | None:
+        """The generic step's cost (weights formed), for estimating the unchunked recipe.
+
+        ``None`` when the step is the generic one: its own cost is the reference.
+        """
+        if isinstance(self.step, GeneratorStep):
+            return None
+        generator = self.step.generator
+        names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
+        return self._measured(GeneratorStep(generator, names, self.geom), self._reference_key, limit)
