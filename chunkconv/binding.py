@@ -14,7 +14,6 @@ microseconds per submodule, once per bound call.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -48,13 +47,14 @@ def bind_parameters(generator: Callable[[Tensor], Tensor], tensors: dict[str, Te
 
 
 def _shadow(module: nn.Module, by_id: dict[int, Tensor], memo: dict[int, nn.Module]) -> nn.Module:
-    """A shallow copy of ``module`` and its submodules, tensors replaced per ``by_id`` (shared submodules stay shared)."""
+    """A shallow copy of ``module`` and its submodules with tensors replaced per ``by_id``; shared ones stay shared."""
     found = memo.get(id(module))
     if found is not None:
         return found
-    clone = copy.copy(module)
+    clone = object.__new__(type(module))  # not copy.copy: parametrized modules refuse to be pickled
     memo[id(module)] = clone
     state = clone.__dict__
+    state.update(module.__dict__)
     state["_parameters"] = {k: _swap(v, by_id) for k, v in module._parameters.items()}
     state["_buffers"] = {k: _swap(v, by_id) for k, v in module._buffers.items()}
     state["_modules"] = {k: None if m is None else _shadow(m, by_id, memo) for k, m in module._modules.items()}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .binding import bind_parameters
+from .checks import AUTOCAST_DTYPES
 from .errors import GeneratorOutputError
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
@@ -32,6 +33,7 @@ __all__ = [
     "add_bias",
     "backward_chunks",
     "broadcast_bias",
+    "check_output_dtype",
     "contract",
     "forward_chunks",
     "run_generator",
@@ -112,6 +114,7 @@ def run_generator(generator: Callable[[Tensor], Tensor], patches: Tensor, geom: 
     """
     weights = generator(patches)
     rows = patches.shape[0]
+    check_output_dtype(weights, patches, "The generator")
     flat = (rows, geom.weight_numel)
     full = (rows, *geom.weight_shape)
     if not isinstance(weights, Tensor) or tuple(weights.shape) not in (flat, full):
@@ -123,6 +126,24 @@ def run_generator(generator: Callable[[Tensor], Tensor], patches: Tensor, geom: 
             f"{geom.in_channels // geom.groups}, kernel_size={geom.kernel_size}), got {got}."
         )
     return weights.reshape(rows, geom.out_channels, geom.patch_size // geom.groups)
+
+
+def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
+    """Refuse an output in another dtype than the patches (unless autocast casts both anyway).
+
+    Raises:
+        GeneratorOutputError: naming the expected and the returned dtype.
+
+    """
+    if not isinstance(out, Tensor) or out.dtype == patches.dtype:
+        return
+    kind = patches.device.type
+    if torch.is_autocast_enabled(kind) and {out.dtype, patches.dtype} <= AUTOCAST_DTYPES:
+        return
+    raise GeneratorOutputError(
+        f"{what} must return the dtype of its input: expected {patches.dtype} (the input's, or autocast's), "
+        f"got {out.dtype}. Convert the generator with .to({patches.dtype}) or cast its output."
+    )
 
 
 def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
@@ -261,6 +282,8 @@ def backward_chunks(
         _deliver(streams, graded, chunk, grads, param_grads)
         del grads
     source_grads = [s.grad() if s.requires_grad else None for s in streams]
+    if not ranges:  # no location at all (an empty batch): zero gradients, as torch's convolutions give
+        param_grads = [torch.zeros_like(leaf, dtype=accumulation_dtype(leaf.dtype)) for leaf in wanted]
     # back to each leaf's dtype (the sums ran in float32 for half-precision leaves)
     summed = [None if g is None else g.to(leaf.dtype) for g, leaf in zip(param_grads, wanted)]
     return source_grads, step.param_grads(summed)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, Backend
 from .binding import bind_parameters
 from .errors import GeneratorOutputError
-from .execute import BoundStep, ChunkStep, GeneratorStep
+from .execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
 from .fastpath import LinearTail, PathChoice, find_linear_tail
 from .geometry import ConvGeometry
 
@@ -128,6 +128,7 @@ class _BoundLinearTail:
 def _hidden(body: Callable[[Tensor], Tensor], patches: Tensor, tail: LinearTail) -> Tensor:
     h = body(patches)
     rows = patches.shape[0]
+    check_output_dtype(h, patches, "The generator's body (everything before its last nn.Linear)")
     if not isinstance(h, Tensor) or tuple(h.shape) != (rows, tail.hidden):
         got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
         raise GeneratorOutputError(

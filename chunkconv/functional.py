@@ -24,7 +24,7 @@ from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
 from .gather import PatchStream
 from .geometry import ConvSpec, conv_spec_for_input
-from .measure import ProbedCosts, generator_cache, generator_state, remember
+from .measure import ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
 
 __all__ = [
@@ -99,7 +99,26 @@ def _prepare(call: Call, generator: Generator, *, estimate: bool) -> tuple[Chunk
     """The step that runs the call's path, and its plan."""
     choice = choose_path(generator, call.geom, call.out_dtype, call.options.path, device=call.device)
     step = build_step(generator, tuple(call.params), choice, call.geom)
+    if call.training and not isinstance(generator, nn.Module):
+        _check_tracked_grads(call, generator, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
+
+
+def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> None:
+    """Refuse a plain callable that uses tensors needing grad (it can own no parameters).
+
+    Its captures are invisible, so it is checked on every training call (one run on two rows);
+    a module's parameters are tracked, and its forward is not run more often than it must be.
+    """
+    untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device)
+    if untracked:
+        raise ValueError(
+            f"Invalid `generator` for {call.op}: the generator is a plain callable whose output needs a "
+            "gradient although its input does not, so it uses tensors chunkconv cannot see "
+            "(for example the parameters of a module that a function or lambda closes over). They would get "
+            "no gradient. Make them the generator's parameters: pass the module itself as the generator, or "
+            "wrap the function in an nn.Module that owns them."
+        )
 
 
 @opaque_to_compile

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .binding import buffer_copies
+from .errors import GeneratorOutputError
 from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
 from .gather import PatchStream
 from .geometry import ConvGeometry, conv_geometry
@@ -39,6 +40,7 @@ __all__ = [
     "measure_step_cost",
     "probe_sizes",
     "remember",
+    "uses_untracked_grads",
 ]
 
 # Probe sizes (patches per probe chunk): large enough that per-patch costs dominate, small
@@ -232,6 +234,24 @@ def measure_step_cost(
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
     )
+
+
+def uses_untracked_grads(step: ChunkStep, geom: ConvGeometry, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the step's output needs a gradient although neither its rows nor its parameters do.
+
+    Then the generator uses tensors chunkconv cannot see (a module's parameters that a plain
+    function closes over, say): forward runs without a graph, so they would silently get no
+    gradient. Runs the step once on two random rows, with the parameters detached.
+    """
+    params, buffers = _stand_ins(step.generator)
+    detached = [p.detach() for p in params]
+    bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
+    with forked_rng(device), torch.enable_grad():
+        rows = torch.randn(2, geom.patch_size, dtype=dtype, device=device)
+        try:
+            return bool(bound((rows,)).requires_grad)
+        except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
+            return False
 
 
 # -- caches ------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ CPU_CHUNK_BYTES = 64 * 2**20
 # never see it: the plan counts the largest default for every training call on CUDA. Not measured
 # on a GPU yet; an allowance, not a measurement.
 CUDA_BACKWARD_WORKSPACE = 33 * 2**20
+# At most this many probes beyond the first measurement, to reach and verify the chosen chunk size.
+_EXTENSIONS = 6
 
 
 def safety_bytes(device: torch.device) -> int:
@@ -249,6 +251,25 @@ class PeakModel:
         backward = self.cost.backward.per_patch if self.training and self.cost.backward else 0.0
         return max(self.cost.forward.per_patch, backward)
 
+    def bounded_size(self, budget: int) -> int:
+        """The largest chunk that fits ``budget`` by a bound, not by extrapolating a fitted line.
+
+        Beyond its largest probe a step's bytes per patch only fall (fixed part amortised; an
+        affine cost ``a + s * B`` with ``a >= 0`` has ``cost(B) / B`` decreasing), so scaling the
+        largest probe's bytes linearly bounds a larger chunk's. Safe where two tiny probes give a
+        line of nearly no slope.
+        """
+        bound = math.inf
+        phases = [(self.fixed_forward, self.cost.forward)]
+        if self.training and self.cost.backward is not None:
+            phases.append((self.fixed_backward, self.cost.backward))
+        for fixed, step in phases:
+            rows, used = step.points[-1]
+            room = (budget - self.margin) / SAFETY_FACTOR - sum(fixed.values())
+            if used > 0:
+                bound = min(bound, room * rows / used)
+        return max(0, int(bound)) if bound != math.inf else 2**62
+
     def binding_fixed(self) -> dict[str, int]:
         """The fixed costs of the phase that decides the smallest budget."""
         forward, backward = self.peaks(1)
@@ -341,12 +362,22 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     if budget < minimum:
         raise _too_small(request, model, minimum)
     size, reason = choose_chunk_size(model, total, budget, request.device)
-    for _ in range(2):
-        if size <= cost.forward.points[-1][0]:
+    for _ in range(_EXTENSIONS):
+        probed = cost.forward.points[-1][0]
+        if size <= probed:
             break
-        cost = costs.extend(cost, size)
+        # measure the choice itself where a bound says that is safe, else the largest chunk that
+        # is; a probe never risks more than the call it plans for, the first call included
+        target = min(size, model.bounded_size(budget))
+        if target <= probed:
+            break
+        cost = costs.extend(cost, target)
         model = replace(model, cost=cost)
         size, reason = choose_chunk_size(model, total, budget, request.device)
+    probed = cost.forward.points[-1][0]
+    if size > probed and size > model.bounded_size(budget):  # unverified: keep to what is known to fit
+        size = max(probed, model.bounded_size(budget))
+        reason = "largest chunks measured to fit the budget"
 
     # 4. the plan
     forward, backward = model.peaks(size)

@@ -181,3 +181,38 @@ def test_empty_batch_returns_empty_output_like_torch():
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert all(p.grad is None or not p.grad.any() for p in gen.parameters())
+    # like nn.Conv2d: every parameter that took part gets a (zero) gradient, not None
+    assert all(p.grad is not None and not p.grad.any() for p in gen.parameters())
+    assert conv.bias.grad is not None and not conv.bias.grad.any()
+
+
+def test_function_closing_over_a_module_is_refused_before_training():
+    # a lambda over a Linear: the layer's parameters would be only its bias, and lin would
+    # silently get no gradient; refused, with what to do
+    lin = nn.Linear(36, 216).double()
+    conv = chunkconv.DynamicConv2d(lambda p: lin(p), 4, 6, 3, dtype=torch.float64)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"closes over.*pass the module itself as the generator"):
+        conv(x)
+    with torch.no_grad():  # nothing to train: allowed
+        assert conv(x).shape == (1, 6, 3, 3)
+    # a function that uses no tensor needing grad stays allowed while training
+    lin.requires_grad_(False)
+    conv(x.requires_grad_()).sum().backward()
+    assert x.grad is not None
+
+
+def test_generator_answering_in_another_dtype_names_both_dtypes():
+    gen = nn.Sequential(nn.Linear(36, 8), nn.Linear(8, 216)).double()
+    conv = chunkconv.DynamicConv2d(lambda p: gen(p.double()), 4, 6, 3, chunk_size=5)
+    with pytest.raises(chunkconv.GeneratorOutputError, match=r"expected torch.float32 .*got torch.float64"):
+        conv(torch.randn(1, 4, 5, 5))
+    fast = nn.Sequential(_Double(), nn.Linear(36, 216))  # the body answers in float64
+    conv = chunkconv.DynamicConv2d(fast, 4, 6, 3, chunk_size=5, path="fast")
+    with pytest.raises(chunkconv.GeneratorOutputError, match=r"got torch.float64"):
+        conv(torch.randn(1, 4, 5, 5))
+
+
+class _Double(nn.Module):
+    def forward(self, p):
+        return p.double()

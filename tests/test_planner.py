@@ -193,7 +193,8 @@ def test_out_of_memory_mid_call_halves_the_chunk_and_gives_the_same_result():
 
 
 def test_out_of_memory_in_backward_with_random_generator_is_not_split():
-    gen = nn.Sequential(nn.Linear(18, 4), nn.Dropout(0.3), nn.Linear(4, 54)).double()
+    # frozen: a lambda over a module with trainable parameters is refused (they would not train)
+    gen = nn.Sequential(nn.Linear(18, 4), nn.Dropout(0.3), nn.Linear(4, 54)).double().requires_grad_(False)
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     y = chunkconv.dynamic_conv2d(x, lambda p: gen(p), 3, 3, padding=1, chunk_size=30)
 
