@@ -1,4 +1,4 @@
-"""What `pip install chunkconv` brings: no test library at runtime, one version.
+"""What `pip install chunkconv` brings: no test library at runtime, one version, a changelog.
 
 CI also builds the wheel, installs it into a fresh venv and runs it (`.ci/package-check`); these
 tests are the fast half that runs with the suite.
@@ -63,3 +63,9 @@ def test_the_version_has_one_source():
     assert chunkconv.__version__ == __version__
     assert re.fullmatch(r"\d+\.\d+\.\d+(?:(?:a|b|rc)\d+)?(?:\.dev\d+)?", __version__)
 
+
+def test_changelog_has_this_version_and_an_unreleased_section():
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    assert headings and headings[0] == "Unreleased", "CHANGELOG.md starts with an [Unreleased] section"
+    assert chunkconv.__version__ in headings, f"CHANGELOG.md has no section for {chunkconv.__version__}"
