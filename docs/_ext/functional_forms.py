@@ -32,7 +32,7 @@ class FunctionalForms(griffe.Extension):
         live = griffe.inspect(
             "chunkconv.functional", import_paths=[root, *sys.path], docstring_parser=loader.docstring_parser
         )
-        imported = Path(sys.modules["chunkconv.functional"].__file__).resolve()
+        imported = Path(str(sys.modules["chunkconv.functional"].__file__)).resolve()
         if imported != Path(static.filepath).resolve():
             raise RuntimeError(
                 f"documenting {static.filepath}, but Python imported {imported}: "
