@@ -281,7 +281,7 @@ _PREAMBLE = """\
 How much memory chunkconv saves and what it costs in time, against what a user would otherwise
 write. Every method computes the same layer: a 2-D dynamic convolution whose kernel at each
 pixel is made by `Linear(P, hidden) -> ReLU -> Linear(hidden, out * P)` from that pixel's
-`P = C * k * k` patch (stride 1, padding k // 2), the generator of `../shared/ANCHORS.md`.
+`P = C * k * k` patch (stride 1, padding k // 2), the generator of the workloads in `benchmarks/workloads.py`.
 
 - **chunkconv ...**: `chunkconv.DynamicConv` with a `budget=` (before budgets existed: a
   `chunk_size=`; "default" is the planner's own choice).
@@ -324,7 +324,7 @@ _NO_GPU = """\
 ## CUDA GPU: not run yet
 
 No CUDA device was available for these runs. On a machine with one, `bash benchmarks/gpu.sh`
-measures workloads A, B and C of `../shared/ANCHORS.md` and the 256..4096 px sweep in float32
+measures workloads A, B and C (`benchmarks/workloads.py`) and the 256..4096 px sweep in float32
 (TF32 off) and bfloat16 (about 5-8 minutes on an H100) and writes `cuda-all.json/.md/.png` into
 `$OUT` or `results/`; then regenerate this page with both runs:
 `python -m benchmarks report results/cpu-all.json results/cuda-all.json --markdown docs/benchmarks.md`.

@@ -1,5 +1,6 @@
 """chunkconv: convolutions whose kernel is a function of the input, chunked to fit a memory budget."""
 
+from ._version import __version__ as __version__
 from .budget import format_bytes, parse_budget
 from .errors import BatchCoupledGeneratorError, BudgetTooSmallError, ChunkConvError, GeneratorOutputError
 from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d, plan
@@ -28,5 +29,3 @@ __all__ = [
     "parse_budget",
     "plan",
 ]
-
-__version__ = "0.1.0"

@@ -129,18 +129,18 @@ def parse_budget(budget: str | float | None, device: torch.device | str | int | 
             units are powers of 1000, IEC units powers of 1024, case-insensitive, a bare number is
             bytes), an ``int`` number of bytes, a ``float`` in ``(0, 1]`` meaning that fraction of
             the memory free on ``device``, or ``"auto"``/``None`` meaning
-            :data:`AUTO_FRACTION_CPU` or :data:`AUTO_FRACTION_CUDA` of it. Default: ``None``.
+            ``AUTO_FRACTION_CPU`` or ``AUTO_FRACTION_CUDA`` of it. Default: ``None``.
         device: The device whose free memory a fraction refers to (ignored for sizes).
             Default: ``None`` (torch's default device, normally the CPU).
 
     Returns:
-        The budget in bytes, between 1 and :data:`MAX_BUDGET`; fractional bytes are rounded down.
+        The budget in bytes, between 1 and ``MAX_BUDGET``; fractional bytes are rounded down.
 
     Raises:
         TypeError: If ``budget`` is not a ``str``, an integer, a real number or ``None`` (a
             ``bool`` is refused).
         ValueError: If ``budget`` is malformed, not positive, not finite, a float above 1, rounds
-            down to 0 bytes or exceeds :data:`MAX_BUDGET`; or if a fraction refers to a device
+            down to 0 bytes or exceeds ``MAX_BUDGET``; or if a fraction refers to a device
             other than CPU or CUDA.
 
     Examples:

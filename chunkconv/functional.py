@@ -195,8 +195,11 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
             (rows in ``F.unfold`` order) to weights ``(B, out_channels, C_in // groups,
             *kernel_size)`` or the same flattened.
         out_channels: channels of the output.
-        kernel_size, stride, padding, dilation, groups: as for ``F.conv{n}``; ``padding`` may be
-            ``"same"`` or ``"valid"``.{ndim_note}
+        kernel_size: an int or a tuple, as for ``F.conv{n}``.{ndim_note}
+        stride: as for ``F.conv{n}``. Default: ``1``.
+        padding: as for ``F.conv{n}``, including ``"same"`` and ``"valid"``. Default: ``0``.
+        dilation: as for ``F.conv{n}``. Default: ``1``.
+        groups: as for ``F.conv{n}``. Default: ``1``.
         bias: optional ``(out_channels,)`` tensor. Default: ``None``.
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as for
             ``nn.Conv{n}``. Default: ``"zeros"``.
@@ -283,18 +286,21 @@ def plan(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Plan:
-    """What :func:`dynamic_conv` would do on ``input`` and what it would cost, without running it.
+    """What ``dynamic_conv`` would do on ``input`` and what it would cost, without running it.
 
-    Takes the arguments of :func:`dynamic_conv`; ``input`` may be a tensor or just its shape.
+    Takes the arguments of ``dynamic_conv``; ``input`` may be a tensor or just its shape.
     The generator is run on a few small probe batches to measure its memory (cached).
 
     Args:
         training: plan for forward and backward (``True``) or forward only. Default: whether
             grad mode is on and anything (the input, for a shape always assumed) needs a gradient.
-        dtype, device: for a shape: default the generator's parameters' (else float32, CPU).
+        dtype: the input's dtype when ``input`` is a shape. Default: the generator's parameters'
+            (else float32).
+        device: the input's device when ``input`` is a shape. Default: the generator's
+            parameters' (else the CPU).
 
     Returns:
-        A frozen :class:`Plan`; ``print(plan)`` shows the table.
+        A frozen ``Plan``; ``print(plan)`` shows the table.
 
     Raises:
         BudgetTooSmallError: with the smallest budget that fits.

@@ -31,9 +31,19 @@ class DynamicConv(nn.Module):
     Args:
         generator: an ``nn.Module`` (registered as a submodule, so its
             parameters train) or any callable ``(B, P) -> (B, out * in/groups * K)``.
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-            groups, bias, padding_mode, device, dtype: as for ``nn.Conv*d``.
-            The number of spatial dims is ``len(kernel_size)`` (an int means 2-D).
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        kernel_size: an int or a tuple, as for ``nn.Conv*d``; the number of spatial dims is
+            ``len(kernel_size)`` (an int means 2-D).
+        stride: as for ``nn.Conv*d``. Default: ``1``.
+        padding: as for ``nn.Conv*d``, including ``"same"`` and ``"valid"``. Default: ``0``.
+        dilation: as for ``nn.Conv*d``. Default: ``1``.
+        groups: as for ``nn.Conv*d``. Default: ``1``.
+        bias: whether to add a learned bias. Default: ``True``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as for
+            ``nn.Conv*d``. Default: ``"zeros"``.
+        device: where to create the bias. Default: ``None``.
+        dtype: the bias's dtype. Default: ``None``.
         budget: the memory one call may allocate (forward, and backward separately): ``"4GB"``,
             ``"512MiB"``, bytes, a fraction of free memory, or ``"auto"``. Default: ``"auto"``.
         chunk_size: patches per chunk, overriding the budget (expert use). Default: ``None``.
@@ -149,7 +159,8 @@ class DynamicConv(nn.Module):
         Args:
             training: plan forward and backward (default: grad mode is on and something needs
                 a gradient; for a shape the input is assumed to need one).
-            dtype, device: for a shape (default: the generator's parameters').
+            dtype: the input's dtype when ``input`` is a shape (default: the generator's parameters').
+            device: the input's device when ``input`` is a shape (default: the generator's parameters').
 
         Examples:
             >>> import torch, chunkconv
@@ -201,18 +212,18 @@ class DynamicConv(nn.Module):
 
 
 class DynamicConv1d(DynamicConv):
-    """:class:`DynamicConv` over one spatial dimension (input ``(N, C, L)``)."""
+    """``DynamicConv`` over one spatial dimension (input ``(N, C, L)``)."""
 
     _ndim = 1
 
 
 class DynamicConv2d(DynamicConv):
-    """:class:`DynamicConv` over two spatial dimensions (input ``(N, C, H, W)``)."""
+    """``DynamicConv`` over two spatial dimensions (input ``(N, C, H, W)``)."""
 
     _ndim = 2
 
 
 class DynamicConv3d(DynamicConv):
-    """:class:`DynamicConv` over three spatial dimensions (input ``(N, C, D, H, W)``)."""
+    """``DynamicConv`` over three spatial dimensions (input ``(N, C, D, H, W)``)."""
 
     _ndim = 3

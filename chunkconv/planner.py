@@ -83,13 +83,18 @@ class Plan:
             that recomputation replays the forward's random numbers exactly).
         budget: the budget in bytes, or ``None`` when ``chunk_size`` was given.
         budget_spec: the budget as the user wrote it.
-        forward_peak / backward_peak: estimated peak bytes above the start of forward and of
-            backward (``None`` when not estimated, or no backward).
-        fixed_forward / fixed_backward: the chunk-independent allocations, by name.
+        dtype: the input's dtype.
+        device: the input's device.
+        forward_peak: estimated peak bytes above the start of forward (``None`` when not estimated).
+        backward_peak: estimated peak bytes above the start of backward (``None`` when not
+            estimated, or no backward).
+        fixed_forward: the chunk-independent allocations of forward, by name.
+        fixed_backward: the chunk-independent allocations of backward, by name.
         cost: the measured per-chunk cost (``None`` when not measured).
         minimum_budget: the smallest budget this call fits in (one patch per chunk).
-        unchunked_forward / unchunked_training: what one chunk of all patches (the unchunked
-            recipe) would need, from the same model.
+        unchunked_forward: what one chunk of all patches (the unchunked recipe) would need
+            forward, from the same model.
+        unchunked_training: the same for forward and backward (``None`` without backward).
         reason: why this chunk size.
 
     """
@@ -114,6 +119,7 @@ class Plan:
 
     @property
     def num_chunks(self) -> int:
+        """The number of chunks, ``ceil(num_patches / chunk_size)`` (0 for an empty input)."""
         return math.ceil(self.geometry.num_patches / self.chunk_size) if self.geometry.num_patches else 0
 
     def __str__(self) -> str:

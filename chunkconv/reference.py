@@ -62,7 +62,7 @@ def dynamic_conv_reference(
             matmul, the best unchunked PyTorch recipe.
         ndim: spatial dims; by default ``len(kernel_size)``, 2 for an int.
 
-    The other arguments and the shapes are those of :func:`chunkconv.dynamic_conv`;
+    The other arguments and the shapes are those of ``chunkconv.dynamic_conv``;
     ``in_channels`` is read off the input.
 
     """

@@ -1,9 +1,9 @@
 """Helpers for testing code that uses chunkconv: hypothesis strategies and assertions.
 
-Importing this module needs ``hypothesis`` (a dependency of chunkconv). The
-strategies draw valid dynamic-convolution configurations with small, bounded
-sizes; :func:`assert_matches_reference` compares a chunkconv call with the
-unchunked oracle, output and gradients, and prints the failing call.
+Importing this module needs ``hypothesis``, which ``import chunkconv`` does not:
+``pip install "chunkconv[testing]"``. The strategies draw valid dynamic-convolution
+configurations with small, bounded sizes; ``assert_matches_reference`` compares a
+chunkconv call with the unchunked oracle, output and gradients, and prints the failing call.
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import strategies as st
 from torch import Tensor, nn
+
+try:
+    from hypothesis import strategies as st
+except ModuleNotFoundError as error:
+    if error.name is not None and error.name.partition(".")[0] != "hypothesis":
+        raise  # hypothesis is there but something it imports is not: that error says more
+    raise ImportError('chunkconv.testing needs hypothesis: pip install "chunkconv[testing]"') from None
 
 from .geometry import PADDING_MODES, ConvSpec, conv_spec
 
@@ -37,7 +43,17 @@ def mlp_generator(
 ) -> nn.Sequential:
     """``Linear(P, hidden) -> activation -> Linear(hidden, weight size)``, the typical generator.
 
-    ``Tanh`` by default: smooth, so ``gradcheck`` does not trip on kinks.
+    Args:
+        spec: the convolution the generator is for (its patch size and weight size).
+        hidden: width of the hidden layer. Default: ``8``.
+        activation: the module between the two layers. Default: ``nn.Tanh`` (smooth, so
+            ``gradcheck`` does not trip on kinks).
+        dtype: dtype of the parameters. Default: ``torch.float64``.
+        device: where to create the parameters. Default: ``None`` (the CPU).
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(B, P)`` patch rows to ``(B, weight size)`` flat weights.
+
     """
     patch = spec.in_channels * math.prod(spec.kernel_size)
     weight = spec.out_channels * spec.in_channels // spec.groups * math.prod(spec.kernel_size)
@@ -52,6 +68,14 @@ class RecordingDropout(nn.Module):
     For checking that recomputation in backward draws the masks forward drew: compare
     ``masks`` after forward with ``masks`` after backward, or set ``fixed`` to the forward's
     masks (concatenated) to build the function whose gradient backward must have computed.
+
+    Args:
+        p: the probability of zeroing an element. Default: ``0.5``.
+
+    Attributes:
+        masks: every mask drawn, in order (forward's chunks, then backward's recomputations).
+        fixed: masks to apply instead of drawing, or ``None`` (draw and record). Default: ``None``.
+
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -70,7 +94,18 @@ class RecordingDropout(nn.Module):
 
 @dataclass(frozen=True)
 class ConvCase:
-    """One drawn configuration: the arguments, the input shape and a chunk size."""
+    """One drawn configuration: the arguments, the input shape and a chunk size.
+
+    Attributes:
+        spec: the checked convolution arguments (a ``ConvSpec``).
+        input_shape: the input's shape, batched or not.
+        chunk_size: patches per chunk, from 1 to a little more than all of them.
+        bias: whether to add a bias.
+        kwargs: the arguments for ``chunkconv.dynamic_conv`` after the generator
+            (``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``,
+            ``padding_mode``).
+
+    """
 
     spec: ConvSpec
     input_shape: tuple[int, ...]
@@ -105,8 +140,20 @@ def conv_cases(
 ) -> ConvCase:
     """Draw a valid configuration over every argument ``nn.Conv*d`` takes.
 
-    Sizes are bounded so that the unchunked reference stays cheap: at most
+    A hypothesis strategy: call it without ``draw`` (``conv_cases(ndims=(2,))``) and pass it
+    to ``@given``. Sizes are bounded so that the unchunked reference stays cheap: at most
     4 channels, kernels up to 3, a few dozen patches per image.
+
+    Args:
+        draw: supplied by hypothesis, not by the caller.
+        ndims: which numbers of spatial dims to draw. Default: ``(1, 2, 3)``.
+        max_batch: the largest batch size. Default: ``3``.
+        allow_unbatched: also draw unbatched inputs. Default: ``True``.
+        allow_empty: also draw a batch of 0. Default: ``True``.
+
+    Returns:
+        A strategy of ``ConvCase`` objects.
+
     """
     ndim = draw(st.sampled_from(tuple(ndims)), label="ndim")
     groups = draw(st.sampled_from((1, 2)), label="groups")
@@ -180,8 +227,21 @@ def assert_matches_reference(
 ) -> None:
     """Assert ``run(x)`` equals ``reference(x)``, and so do the gradients of ``x`` and ``wrt``.
 
-    One random upstream gradient is used for both; on failure the message names
-    the tensor that differs, the largest difference and ``context`` (the call).
+    One random upstream gradient is used for both.
+
+    Args:
+        run: the call under test, taking ``x``.
+        reference: the call it must equal, taking ``x`` (e.g. ``chunkconv.dynamic_conv_reference``).
+        x: the input; its gradient is compared when it requires one.
+        wrt: more tensors whose gradients are compared (e.g. the generator's parameters).
+        rtol: relative tolerance, as for ``torch.allclose``; the default suits float64.
+        atol: absolute tolerance, as for ``torch.allclose``; the default suits float64.
+        context: text appended to a failure message (e.g. the call).
+
+    Raises:
+        AssertionError: naming the tensor that differs (output or which gradient), the largest
+            difference and ``context``.
+
     """
     leaves = ([x] if x.requires_grad else []) + [t for t in wrt if t.requires_grad]
     got, want = run(x), reference(x)

@@ -1,4 +1,4 @@
-"""Every Python snippet in README.md and docs/*.md runs, and docs/api.md matches the code.
+"""Every Python snippet in README.md and docs/*.md runs, and docs/api.md covers the public API.
 
 Snippets: each fenced ```python block runs. The blocks of one page share a namespace and run in
 order, like a notebook, so a page may build on its earlier blocks. A block whose first line starts
@@ -6,18 +6,22 @@ with ``>>>`` is a doctest: its printed output is checked too. A block may opt ou
 HTML comment ``<!-- skip-test -->`` on the line right before its fence, for code that cannot run
 on a CPU (CUDA-only); the opt-outs are counted so they stay rare.
 
-API reference: every name in ``chunkconv.__all__`` has an entry in docs/api.md, every entry names
-something that exists, and every signature written there (a ```text block right under the entry's
-heading) is ``inspect.signature`` of the object, with each of its parameters described in a
-"- `name`:" (or "- `a`, `b`:") line of the entry.
+API reference: docs/api.md is generated from the docstrings by mkdocstrings (``mkdocs build
+--strict``, run by CI, fails on a docstring it cannot parse or a parameter it does not know). Here:
+every name in ``chunkconv.__all__`` and ``chunkconv.testing.__all__`` has a ``::: chunkconv.name``
+directive there, every directive names something that exists, and the examples in the docstrings
+of what the page shows run, like the snippets in the pages.
+
+Links: a page that points outside docs/ uses the repository's URL (the site has no copy of the
+examples), and the file it names exists.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
-import inspect
 import re
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,40 +141,16 @@ def test_extraction_understands_skip_marks_and_doctests(tmp_path):
 # docs/api.md
 
 API = ROOT / "docs" / "api.md"
-# "### `chunkconv.name`", or several names sharing one entry: "### `chunkconv.a`, `chunkconv.b`"
-_ENTRY = re.compile(r"^### (?P<names>`[\w.]+`(?:, `[\w.]+`)*)\s*$")
+# "::: chunkconv.name", optionally followed by an indented "options:" block
+_DIRECTIVE = re.compile(r"^::: (?P<name>[\w.]+)\s*$", flags=re.MULTILINE)
+# "options:\n  members: [a, b]" under a directive: those members are rendered too
+_MEMBERS = re.compile(
+    r"^::: (?P<name>[\w.]+)\n(?:    .*\n)*?      members: \[(?P<members>[\w, ]*)\]", flags=re.MULTILINE
+)
 
 
-def api_entries() -> dict[str, tuple[str | None, set[str]]]:
-    """``{dotted name: (signature text or None, documented parameter names)}`` from docs/api.md.
-
-    An entry shared by several names writes the signature once, for the first name; it holds for
-    each of them with the name changed.
-    """
-    lines = API.read_text(encoding="utf-8").splitlines()
-    entries: dict[str, tuple[str | None, set[str]]] = {}
-    starts = [(i, re.findall(r"`([\w.]+)`", m["names"])) for i, line in enumerate(lines) if (m := _ENTRY.match(line))]
-    for n, (i, names) in enumerate(starts):
-        end = starts[n + 1][0] if n + 1 < len(starts) else len(lines)
-        body = lines[i + 1 : end]
-        body = body[: next((j for j, line in enumerate(body) if line.startswith("## ")), len(body))]
-        signature = None
-        first = next((j for j, line in enumerate(body) if line.strip()), None)
-        if first is not None and body[first].strip() == "```text":
-            close = next(j for j in range(first + 1, len(body)) if body[j].strip() == "```")
-            signature = " ".join(line.strip() for line in body[first + 1 : close])
-        # "- `a`: ..." or "- `a`, `b`: ..." describes parameters a and b
-        params = {
-            name
-            for m in re.finditer(r"^- ((?:`\w+`, )*`\w+`):", "\n".join(body), flags=re.MULTILINE)
-            for name in re.findall(r"`(\w+)`", m[1])
-        }
-        short = names[0].split(".")[-1]
-        for name in names:
-            assert name not in entries, f"docs/api.md documents {name} twice"
-            own = None if signature is None else re.sub(rf"^{short}\(", f"{name.split('.')[-1]}(", signature)
-            entries[name] = (own, params)
-    return entries
+def api_directives() -> list[str]:
+    return _DIRECTIVE.findall(API.read_text(encoding="utf-8"))
 
 
 def _resolve(dotted: str):
@@ -186,41 +166,83 @@ def _resolve(dotted: str):
     raise ImportError(dotted)
 
 
-def _signature_text(dotted: str, obj) -> str:
-    """``name(a, b=1, *, c=None)``: the signature without annotations, as api.md writes it."""
-    sig = inspect.signature(obj)
-    plain = sig.replace(
-        parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
-        return_annotation=inspect.Signature.empty,
-    )
-    return f"{dotted.split('.')[-1]}{plain}"
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", "", text)
-
-
 def test_api_reference_covers_all_public_names():
-    documented = set(api_entries())
-    missing = sorted(f"chunkconv.{name}" for name in chunkconv.__all__ if f"chunkconv.{name}" not in documented)
-    assert not missing, f"docs/api.md has no entry for {missing}"
+    testing = importlib.import_module("chunkconv.testing")
+    documented = set(api_directives())
+    public = [f"chunkconv.{name}" for name in chunkconv.__all__]
+    public += [f"chunkconv.testing.{name}" for name in testing.__all__]
+    missing = sorted(name for name in public if name not in documented)
+    assert not missing, f"docs/api.md has no `::: name` directive for {missing}"
+    twice = sorted({name for name in api_directives() if api_directives().count(name) > 1})
+    assert not twice, f"docs/api.md documents {twice} twice"
 
 
-@pytest.mark.parametrize("name", sorted(api_entries()))
-def test_api_entry_matches_the_code(name: str):
-    signature, params = api_entries()[name]
-    obj = _resolve(name)  # the entry names something that exists
-    if isinstance(obj, type) and issubclass(obj, BaseException):
-        assert signature is None, f"{name}: exceptions need no signature"
-        return
-    if not callable(obj) or (isinstance(obj, type) and getattr(obj, "__dataclass_params__", None)):
-        return  # data (e.g. Plan): documented by its fields, not constructed by users
-    assert signature is not None, f"docs/api.md: the entry for {name} must start with its signature in a ```text block"
-    want = _signature_text(name, obj)
-    assert _normalise(signature) == _normalise(want), (
-        f"docs/api.md: {name}\n  documented: {signature}\n  actual:     {want}"
-    )
-    actual_params = set(inspect.signature(obj).parameters) - {"self"}
-    assert params == actual_params, (
-        f"docs/api.md: {name} describes parameters {sorted(params)}, the code has {sorted(actual_params)}"
-    )
+@pytest.mark.parametrize("name", api_directives())
+def test_api_directive_names_something_that_exists(name: str):
+    _resolve(name)
+
+
+def _documented_objects() -> list[tuple[str, object]]:
+    """The objects docs/api.md renders: each directive's, and the members it lists."""
+    text = API.read_text(encoding="utf-8")
+    members = {m["name"]: [x.strip() for x in m["members"].split(",") if x.strip()] for m in _MEMBERS.finditer(text)}
+    objects = []
+    for name in api_directives():
+        objects.append((name, _resolve(name)))
+        objects += [(f"{name}.{member}", _resolve(f"{name}.{member}")) for member in members.get(name, [])]
+    return objects
+
+
+def test_api_members_options_are_read():
+    names = [name for name, _ in _documented_objects()]
+    assert "chunkconv.DynamicConv.plan" in names  # the members regex really finds `members: [plan]`
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _documented_objects()])
+def test_docstring_examples_run(name: str):
+    obj = dict(_documented_objects())[name]
+    if isinstance(obj, property):
+        obj = obj.fget
+    module = sys.modules[getattr(obj, "__module__", None) or "chunkconv"]
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    torch.manual_seed(0)
+    for test in finder.find(obj, name, module=False, globs=dict(vars(module))):
+        failures: list[str] = []
+        runner.run(test, out=failures.append)
+        assert not runner.failures, f"the docstring example of {name} failed:\n" + "".join(failures)
+
+
+def test_some_docstrings_have_examples():
+    finder = doctest.DocTestFinder(recurse=False)
+    with_examples = [
+        name
+        for name, obj in _documented_objects()
+        if any(t.examples for t in finder.find(obj, name, module=False, globs={}))
+    ]
+    assert len(with_examples) >= 5, with_examples  # the finder really sees the Examples sections
+
+
+# --------------------------------------------------------------------------------------------
+# links out of docs/
+
+_PYPROJECT = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+REPOSITORY = re.search(r'^Repository = "(?P<url>[^"]+)"', _PYPROJECT, flags=re.MULTILINE)["url"]
+_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_out_of_docs_use_the_repository_url(page: Path):
+    text = page.read_text(encoding="utf-8")
+    for match in _LINK.finditer(text):
+        target = match["target"]
+        line = text.count("\n", 0, match.start()) + 1
+        assert not target.startswith("../"), (
+            f"{page.relative_to(ROOT)}:{line}: {target} leaves docs/, which the site does not have; "
+            f"link to {REPOSITORY}/blob/main/... instead"
+        )
+        if target.startswith(REPOSITORY + "/"):
+            path = re.sub(r"^(?:blob|tree)/[^/]+/", "", target[len(REPOSITORY) + 1 :]).split("#")[0]
+            assert (ROOT / path).exists(), (
+                f"{page.relative_to(ROOT)}:{line}: {target} names {path}, which does not exist"
+            )
