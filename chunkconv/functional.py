@@ -52,15 +52,14 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         call.dtype,
         call.out_dtype,
         device,
-        call.training,
-        call.input_grad,
         torch.is_autocast_enabled(device.type),
         generator_state(generator),
     )
     step_key = (type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
-    plan_key = ("plan", key, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
+    mode = (call.training, call.input_grad)
+    plan_key = ("plan", key, mode, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
     if plan_key in cache:
         return cache[plan_key]
     module = generator if isinstance(generator, nn.Module) else None

@@ -12,6 +12,7 @@ are cached per generator (weakly: dropping the generator drops them) and hold pl
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,16 @@ class ChunkCost:
     forward: StepCost
     backward: StepCost | None
     method: str  # how it was measured, shown in the plan
+    measured_at: float = 0.0  # time.time() of the (last) measurement
+
+    def describe(self) -> str:
+        """How and when it was measured, for the plan."""
+        sizes = [r for r, _ in self.forward.points]
+        when = time.strftime("%H:%M:%S", time.localtime(self.measured_at)) if self.measured_at else "?"
+        return (
+            f"{self.method}, on probes of {', '.join(map(str, sizes))} patches at {when} "
+            "(once per generator state, dtype, device and kernel; reused for other input sizes)"
+        )
 
     def merged(self, other: ChunkCost) -> ChunkCost:
         """One cost from two sets of measurements of the same step."""
@@ -107,7 +118,7 @@ class ChunkCost:
 
         forward = points(self.forward, other.forward)
         assert forward is not None
-        return ChunkCost(forward, points(self.backward, other.backward), self.method)
+        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time())
 
 
 class _OutputBytes(TorchDispatchMode):
@@ -233,6 +244,7 @@ def measure_step_cost(
         forward=StepCost(tuple(forward_points)),
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
+        measured_at=time.time(),
     )
 
 
@@ -276,12 +288,41 @@ def remember(cache: dict[tuple, Any], key: tuple, value: Any) -> Any:
     return value
 
 
+# torch.nn modules whose forward ignores ``training``: switching them to eval() changes no cost.
+_MODE_FREE = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Identity,
+    nn.Sequential,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.activation.ReLU,
+    nn.modules.activation.GELU,
+    nn.modules.activation.Tanh,
+    nn.modules.activation.Sigmoid,
+    nn.modules.activation.SiLU,
+    nn.modules.activation.LeakyReLU,
+    nn.modules.activation.ELU,
+    nn.modules.activation.Softplus,
+    nn.modules.activation.Softmax,
+    nn.modules.activation.Hardtanh,
+    nn.modules.activation.Mish,
+)
+
+
 def generator_state(generator: object) -> tuple:
-    """What about the generator changes its cost: modes, parameter and buffer layouts, hooks."""
+    """What about the generator changes its cost: modes, parameter and buffer layouts, hooks.
+
+    The mode (``train()``/``eval()``) counts only for modules that may read it (dropout,
+    normalisation with running statistics, any module of the user's own), so switching an MLP
+    to ``eval()`` reuses its measurement.
+    """
     if not isinstance(generator, nn.Module):
         return ()
     return (
-        tuple(m.training for m in generator.modules()),
+        tuple(m.training for m in generator.modules() if type(m) not in _MODE_FREE),
         tuple((p.shape, p.dtype, p.device, p.requires_grad) for p in generator.parameters()),
         tuple((b.shape, b.dtype, b.device) for b in generator.buffers()),
         tuple(bool(m._forward_hooks or m._forward_pre_hooks) for m in generator.modules()),
@@ -314,8 +355,10 @@ class ProbedCosts:
         self.dtype, self.out_dtype, self.device = dtype, out_dtype, device
         self.training, self.input_grad = training, input_grad
         self.sizes = probe_sizes(device, geom.num_patches)
-        self._key = ("cost", key, step_key, self.sizes)
-        self._reference_key = ("cost", key, "generic", self.sizes)
+        self._key = ("cost", key, step_key, self.sizes, training, input_grad)
+        self._reference_key = ("cost", key, "generic", self.sizes, training, input_grad)
+        # forward is measured alike (without grad) in every mode: inference reuses a training measurement
+        self._training_keys = [("cost", key, step_key, self.sizes, True, g) for g in (True, False)]
 
     def _probe(self, step: ChunkStep, sizes: Sequence[int], limit: int | None) -> ChunkCost:
         return measure_step_cost(
@@ -332,6 +375,10 @@ class ProbedCosts:
 
     def _measured(self, step: ChunkStep, key: tuple, limit: int | None) -> ChunkCost:
         found = self.cache.get(key)
+        if found is None and not self.training and key == self._key:
+            trained = next((self.cache[k] for k in self._training_keys if k in self.cache), None)
+            if trained is not None:
+                found = ChunkCost(trained.forward, None, trained.method, trained.measured_at)
         if found is None:
             found = self._probe(step, self.sizes, limit)
             if len(found.forward.points) == len(self.sizes):  # not cut short by this budget: reusable

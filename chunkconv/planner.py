@@ -167,7 +167,7 @@ class Plan:
         if self.minimum_budget is not None:
             lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
         if self.cost is not None:
-            lines.append(f"  generator cost {self.cost.method}")
+            lines.append(f"  generator cost {self.cost.describe()}")
         return "\n".join(lines)
 
 
@@ -370,7 +370,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     size, reason = choose_chunk_size(model, total, budget, request.device)
     for _ in range(_EXTENSIONS):
         probed = cost.forward.points[-1][0]
-        if size <= probed:
+        if size <= probed or size <= model.bounded_size(budget):  # measured, or safe by the bound
             break
         # measure the choice itself where a bound says that is safe, else the largest chunk that
         # is; a probe never risks more than the call it plans for, the first call included
@@ -381,7 +381,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         model = replace(model, cost=cost)
         size, reason = choose_chunk_size(model, total, budget, request.device)
     probed = cost.forward.points[-1][0]
-    if size > probed and size > model.bounded_size(budget):  # unverified: keep to what is known to fit
+    if size > probed and size > model.bounded_size(budget):  # neither measured nor bounded: what is known
         size = max(probed, model.bounded_size(budget))
         reason = "largest chunks measured to fit the budget"
 

@@ -304,3 +304,28 @@ def test_cuda_training_plans_count_the_backward_threads_cublas_workspace():
     }
     assert costs["cuda"][0] == costs["cpu"][0]  # forward: no autograd thread
     assert sum(costs["cuda"][1].values()) - sum(costs["cpu"][1].values()) == CUDA_BACKWARD_WORKSPACE
+
+
+def test_generator_is_measured_once_for_every_shape_batch_size_and_mode(monkeypatch):
+    # first-call cost: a new batch size, eval() on an MLP and no_grad inference reuse the
+    # first measurement instead of probing again (before: 4, 8 and 8 more probe runs)
+    calls = []
+    measure = chunkconv.measure.measure_step_cost
+    monkeypatch.setattr(chunkconv.measure, "measure_step_cost", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    gen = nn.Sequential(nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4 * 36))
+    conv = chunkconv.DynamicConv2d(gen, 4, 4, 3, padding=1)
+    conv(torch.randn(1, 4, 48, 48, requires_grad=True)).sum().backward()
+    assert len(calls) == 1
+    conv(torch.randn(3, 4, 40, 56, requires_grad=True)).sum().backward()  # new shape and batch size
+    conv.eval()
+    conv(torch.randn(1, 4, 48, 48, requires_grad=True)).sum().backward()  # eval() of a mode-free MLP
+    with torch.no_grad():
+        conv(torch.randn(2, 4, 48, 48))  # inference: forward's measurement is the training one's
+    assert len(calls) == 1
+    gen.insert(1, nn.Dropout(0.1))  # a module that reads the mode: its mode counts
+    gen.train()
+    conv(torch.randn(1, 4, 48, 48, requires_grad=True)).sum().backward()
+    gen.eval()
+    conv(torch.randn(1, 4, 48, 48, requires_grad=True)).sum().backward()
+    assert len(calls) == 3
+    assert "reused for other input sizes" in str(conv.plan((1, 4, 48, 48)))
