@@ -1,4 +1,5 @@
-"""Command line: ``python -m benchmarks [run] ...`` measures; ``python -m benchmarks report ...`` renders.
+"""Command line: ``python -m benchmarks [run] ...`` measures; ``python -m benchmarks report ...`` renders;
+``python -m benchmarks layers ...`` measures published layers against their direct implementations.
 
 Examples::
 
@@ -6,6 +7,8 @@ Examples::
     python -m benchmarks --device cpu --suite all --repeats 3        # CPU-A + the 128..1024 px sweep
     python -m benchmarks --device cuda --suite all --dtype float32,bfloat16
     python -m benchmarks report results/cpu-all-*.json --markdown docs/benchmarks.md
+    python -m benchmarks layers --quick                              # seconds
+    python -m benchmarks layers --repeats 3 --name cpu-layers        # KPN, PAC, PSF, involution, DCN mask
 
 ``run`` writes ``OUT/NAME.json`` (rewritten after every case), ``OUT/NAME.md`` and, with matplotlib,
 ``OUT/NAME.png``. ``report`` turns one or more run JSONs into one Markdown page, plots next to it in
@@ -91,6 +94,27 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
+def _layers_parser(sub: argparse._SubParsersAction) -> None:
+    from .layers import LAYERS
+
+    p = sub.add_parser(
+        "layers", help="published layers (benchmarks/layers.py) against their direct implementations, CPU fwd+bwd"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes at 16 and 32 px (seconds)")
+    p.add_argument("--layers", type=_csv(tuple(LAYERS)), help=f"comma-separated, from {', '.join(LAYERS)}")
+    p.add_argument("--sizes", type=_csv(cast=int), help="image sides for every layer (default: each layer's)")
+    p.add_argument("--budget", default="1GB", help="chunkconv's budget above 256 px (default: 1GB)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds after the warm-up (default: 3)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a method after this (default: 60)")
+    p.add_argument("--memory-limit", help="the measuring child's address-space headroom (default: 4GB)")
+    p.add_argument("--no-isolate", action="store_true", help="measure in this process, without a cap")
+    p.add_argument("--case-timeout", type=float, default=600.0, help="seconds before a case is killed")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2; 0: torch's)")
+    p.add_argument("--note", help="free text stored with the run")
+    p.add_argument("--out", default=os.environ.get("OUT") or "results", help="output folder (default: $OUT or results)")
+    p.add_argument("--name", help="file stem (default: cpu-layers-DATE)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     methods = None
     if args.methods:
@@ -150,7 +174,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "report", "layers", "-h", "--help"):
         argv.insert(0, "run")
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _report_parser(sub)
+    _layers_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "layers":
+        from .layers_cpu import main_layers
+
+        return main_layers(args)
     return _cmd_run(args) if args.command == "run" else _cmd_report(args)
 
 

@@ -3,9 +3,11 @@
 :class:`IsolatedWorker` starts one ``spawn``-ed child, warms torch up there (thread pools, lazy
 initialisation) and caps its address space (the soft ``resource.RLIMIT_AS``) at its size after
 warming up plus ``limit_bytes``: a fixed ceiling, so memory a case fails to give back only shrinks
-the headroom of later cases, never raises it. Cases are sent to it one at a time. An allocation
-beyond the cap fails inside the child with torch's "not enough memory" error (or
-``std::bad_alloc``), which :func:`~benchmarks.measure.run_case` reports as ``status="oom"``.
+the headroom of later cases, never raises it. Cases are sent to it one at a time: any picklable
+object whose ``run()`` returns a dict with a ``status`` (:class:`~benchmarks.measure.Case`,
+:class:`~benchmarks.layers_cpu.LayerCase`). An allocation beyond the cap fails inside the child
+with torch's "not enough memory" error (or ``std::bad_alloc``), which the case reports as
+``status="oom"``.
 After each case the child returns freed heap to the OS (``malloc_trim``); after a case that did
 not finish, or one that left more than :data:`RETAINED_LIMIT` bytes mapped, the child is
 replaced by a fresh one (native code unwinding from a failed allocation may leak). A child that
@@ -22,10 +24,18 @@ import os
 import resource
 import time
 from multiprocessing.connection import Connection
+from typing import Protocol
 
-from .measure import Case, run_case
+from .measure import Case
 
-__all__ = ["RETAINED_LIMIT", "IsolatedWorker", "address_space_bytes"]
+__all__ = ["RETAINED_LIMIT", "IsolatedWorker", "Measurable", "address_space_bytes"]
+
+
+class Measurable(Protocol):
+    """What a worker runs: picklable, ``run()`` measures in the current process."""
+
+    def run(self) -> dict: ...
+
 
 # A child still mapping this much more than after its warm-up is replaced before the next case.
 RETAINED_LIMIT = 256 * 2**20
@@ -72,7 +82,7 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
             return
         if case is None:
             return
-        result = run_case(case)
+        result = case.run()
         gc.collect()
         _malloc_trim()
         result["retained_bytes"] = address_space_bytes() - baseline
@@ -134,7 +144,7 @@ class IsolatedWorker:
                 f"{process.exitcode}); its stderr says why."
             ) from None
 
-    def run(self, case: Case) -> dict:
+    def run(self, case: Case | Measurable) -> dict:
         """Measure ``case`` in the child; a dead or hung child becomes a result, not an exception."""
         if self._process is None:
             self._start()

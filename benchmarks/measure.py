@@ -54,6 +54,10 @@ class Case:
     def key(self) -> str:
         return f"{self.workload.name} {self.mode} {self.dtype} {self.method.label}"
 
+    def run(self) -> dict:
+        """Measure in this process: :func:`run_case`."""
+        return run_case(self)
+
 
 def set_tf32(enabled: bool) -> None:
     """Allow (or forbid) TF32 for float32 CUDA matmuls and convolutions, through torch's newer

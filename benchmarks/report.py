@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from chunkconv.budget import format_bytes, parse_budget
 
-__all__ = ["best_unchunked", "fmt_time", "render_page", "render_run", "summary_rows"]
+__all__ = ["best_unchunked", "fmt_time", "render_layers_run", "render_page", "render_run", "summary_rows"]
 
 _STATUS = {
     "oom": "out of memory",
@@ -273,6 +273,57 @@ def render_run(doc: dict, image: str | None = None, *, level: int = 2) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _layer_cells(r: dict, limit: int, predicted: int | None) -> tuple[str, str]:
+    """Time and peak cells of one method of a layer record."""
+    if r["status"] == "ok":
+        return f"{fmt_time(r['median_s'])}" + ("" if r.get("warm") else " (1 cold call)"), _fmt_bytes(r["peak_bytes"])
+    need = f"needs ~{_fmt_bytes(predicted)} (extrapolated)" if predicted else ""
+    if r["status"] == "oom":
+        return f"out of memory under the {_fmt_bytes(limit)} cap", need
+    return _STATUS.get(r["status"], r["status"]), need
+
+
+def render_layers_run(doc: dict, *, level: int = 2) -> str:
+    """A ``python -m benchmarks layers`` run as Markdown: machine facts, then one row per layer and size."""
+    h = "#" * level
+    limit = doc["memory_limit_bytes"]
+    out = [
+        f"{h} Layers: direct implementations against chunkconv, CPU, float32, forward+backward, {doc['date'][:10]}",
+        "",
+        *_machine_lines(doc),
+        "",
+        "| layer | image | shape | direct time | direct peak | chunkconv time | chunkconv peak | time ratio "
+        "| peak ratio | chunkconv budget: plan |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in doc["measurements"]:
+        wl, methods, predicted = rec["workload"], rec["methods"], rec.get("direct_predicted_bytes")
+        direct, chunked = methods["direct"], methods["chunkconv"]
+        dt_, dp = _layer_cells(direct, limit, predicted)
+        ct, cp = _layer_cells(chunked, limit, None)
+        time_ratio = peak_ratio = "-"
+        if chunked["status"] == "ok" and direct["status"] == "ok":
+            time_ratio = f"{chunked['median_s'] / direct['median_s']:.2f}x"
+            peak_ratio = f"{chunked['peak_bytes'] / direct['peak_bytes']:.3f}x"
+        elif chunked["status"] == "ok" and predicted:
+            peak_ratio = f"{chunked['peak_bytes'] / predicted:.3f}x est."
+        plan = chunked.get("info", {}).get("plan_summary", "") if chunked["status"] == "ok" else chunked.get("message")
+        size = f"{wl['size']}x{wl['size']}"
+        shape = wl["describe"].replace(f" {size}", "")
+        out.append(
+            f"| {wl['layer']} | {size} | {shape} | {dt_} | {dp} | {ct} | {cp} | {time_ratio} | {peak_ratio} "
+            f"| {wl['budget']}: {plan} |"
+        )
+    out += [
+        "",
+        "Ratios are chunkconv / direct (below 1: chunkconv is faster / smaller); times are medians of "
+        "calls alternating between the two in one process. Where the direct implementation did not "
+        "fit, its need is the peak measured at the smaller size scaled by the number of pixels, and "
+        'the peak ratio is against that ("est.").',
+    ]
+    return "\n".join(out).rstrip() + "\n"
+
+
 _PREAMBLE = """\
 # Benchmarks
 
@@ -340,7 +391,7 @@ def render_page(runs: list[tuple[dict, str | None]], command: str) -> str:
     """The docs page: how it is measured, then each run (``(doc, image path or None)``)."""
     parts = [_PREAMBLE.format(command=command)]
     for doc, image in runs:
-        parts.append(render_run(doc, image))
+        parts.append(render_layers_run(doc) if doc.get("suite") == "layers" else render_run(doc, image))
     if not any(doc["device"].startswith("cuda") for doc, _ in runs):
         parts.append(_NO_GPU)
     return "\n".join(parts)

@@ -1,0 +1,288 @@
+"""``python -m benchmarks layers``: five published layers, direct against chunkconv, forward+backward on the CPU.
+
+The layers and their sizes are in :mod:`benchmarks.layers`. Each workload is measured in a child
+process whose address space may grow by at most the memory limit (:mod:`benchmarks.isolation`):
+
+* **Side by side**: the direct implementation and chunkconv in one process, one warm-up call
+  each (chunkconv's first call also plans), then ``repeats`` rounds alternating direct,
+  chunkconv, direct, ... (so load on a shared machine hits both alike); the medians are
+  reported. Then one call of each inside :class:`chunkconv.MemoryTracker`: the peak bytes
+  allocated above the start (inputs, parameters and the output gradient exist before; the
+  output and every gradient are counted).
+* **Too large for the direct implementation**: where the direct peak measured at a smaller size
+  of the same layer, scaled by the number of pixels (every tensor it makes is per pixel),
+  exceeds the limit, chunkconv is measured alone, and the direct implementation is then tried
+  once under the cap: it reads "out of memory under the X cap; needs ~Y" (or, should it fit
+  after all, its one cold call).
+
+One JSON document per run (machine facts as ``python -m benchmarks run`` records them, one
+record per workload), rewritten after every case; a Markdown table next to it, and printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chunkconv.budget import format_bytes
+from chunkconv.memory import MemoryTracker
+
+from .isolation import IsolatedWorker
+from .layers import LayerWorkload, build_layer, workloads
+from .measure import _read_hwm, _reset_hwm, is_out_of_memory
+from .report import render_layers_run
+from .runner import machine_info
+
+__all__ = ["LayerCase", "LayerSettings", "measure_layer_case", "run_layers"]
+
+METHODS = ("direct", "chunkconv")
+DEFAULT_LIMIT = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One workload measured with some of ``METHODS``, side by side. Picklable (crosses to the child)."""
+
+    workload: LayerWorkload
+    methods: tuple[str, ...] = METHODS
+    repeats: int = 3
+    max_seconds: float = 60.0
+    dtype: str = "float32"
+    seed: int = 0
+
+    def key(self) -> str:
+        return f"{self.workload.name} ({self.workload.describe()}): {', '.join(self.methods)}"
+
+    def run(self) -> dict:
+        """Measure in this process (what :class:`~benchmarks.isolation.IsolatedWorker` calls in its child)."""
+        return measure_layer_case(self)
+
+
+def _empty() -> dict:
+    return {"status": "ok", "message": None, "first_s": None, "times_s": [], "median_s": None, "warm": None,
+            "peak_bytes": None, "rss_peak_bytes": None, "info": {}}  # fmt: skip
+
+
+def _failure(error: BaseException) -> tuple[str, str]:
+    status = "oom" if is_out_of_memory(error) else "error"
+    return status, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+
+
+def _plan_summary(plan: object) -> str:
+    summary = f"{plan.num_chunks:,} chunk{'s' if plan.num_chunks != 1 else ''} of {plan.chunk_size:,}"
+    peaks = [(n, v) for n, v in (("fwd", plan.forward_peak), ("bwd", plan.backward_peak)) if v is not None]
+    if peaks:
+        summary += "; planned peak " + ", ".join(f"{n} {format_bytes(v)}" for n, v in peaks)
+    if plan.budget is not None:
+        summary += f" (budget {format_bytes(plan.budget)})"
+    return summary
+
+
+def measure_layer_case(case: LayerCase) -> dict:
+    """Time and peak memory of each method of ``case``, forward+backward; failures are results.
+
+    Returns ``{"status", "methods": {method: {status, message, first_s, times_s, median_s, warm,
+    peak_bytes, rss_peak_bytes, info}}}``; ``status`` is ``"oom"`` when a method ran out of memory
+    (so that an isolating worker replaces its process), else ``"ok"``.
+    """
+    wl, dtype = case.workload, getattr(torch, case.dtype)
+    torch.manual_seed(case.seed)
+    layer = build_layer(wl, dtype)
+    shape = (wl.batch, wl.channels, wl.size, wl.size)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    side = {n: torch.randn(wl.batch, c, wl.size, wl.size, dtype=dtype, requires_grad=True)
+            for n, c in wl.side_channels.items()}  # fmt: skip
+    grad_out = torch.randn(wl.batch, wl.out_channels, wl.size, wl.size, dtype=dtype)
+    leaves = [x, *side.values(), *layer.parameters()]
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "direct": lambda: layer.direct(x, **side),
+        "chunkconv": lambda: layer.chunked(x, budget=wl.budget, **side),
+    }
+    results = {m: _empty() for m in case.methods}
+
+    def step(method: str) -> float:
+        start = time.perf_counter()
+        y = calls[method]()
+        y.backward(grad_out)
+        del y
+        elapsed = time.perf_counter() - start
+        for leaf in leaves:  # every call starts without gradients: their allocation is part of its cost
+            leaf.grad = None
+        return elapsed
+
+    alive = []
+    for method in case.methods:  # warm-up; chunkconv's first call also plans (measures its generator)
+        try:
+            results[method]["first_s"] = step(method)
+            alive.append(method)
+        except Exception as error:
+            results[method]["status"], results[method]["message"] = _failure(error)
+            for leaf in leaves:
+                leaf.grad = None
+            gc.collect()
+    if "chunkconv" in alive:
+        try:
+            results["chunkconv"]["info"]["plan_summary"] = _plan_summary(layer.plan(x, budget=wl.budget, **side))
+        except Exception as error:  # a report detail: never fail a measurement over it
+            results["chunkconv"]["info"]["plan_summary"] = f"(plan unavailable: {type(error).__name__}: {error})"
+    spent = {m: results[m]["first_s"] for m in alive}
+    for _ in range(case.repeats):  # alternate: direct, chunkconv, direct, chunkconv, ...
+        for method in alive:
+            times = results[method]["times_s"]
+            if spent[method] + (statistics.median(times) if times else results[method]["first_s"]) > case.max_seconds:
+                continue
+            times.append(step(method))
+            spent[method] += times[-1]
+    for method in alive:
+        r = results[method]
+        r["warm"] = bool(r["times_s"])
+        r["times_s"] = r["times_s"] or [r["first_s"]]
+        r["median_s"] = statistics.median(r["times_s"])
+        rss_start = _reset_hwm()
+        with MemoryTracker("cpu") as tracker:
+            step(method)
+        hwm = _read_hwm()
+        r["peak_bytes"] = tracker.peak
+        if hwm is not None and rss_start is not None:
+            r["rss_peak_bytes"] = max(0, hwm - rss_start)
+    status = "oom" if any(r["status"] == "oom" for r in results.values()) else "ok"
+    return {"status": status, "message": None, "methods": results}
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """A layer run's settings; the CLI fills them in."""
+
+    layers: tuple[str, ...] | None = None
+    quick: bool = False
+    sizes: tuple[int, ...] | None = None
+    budget: str = "1GB"
+    repeats: int = 3
+    max_seconds: float = 60.0
+    memory_limit: int | None = None
+    isolate: bool = True
+    case_timeout: float = 600.0
+    threads: int | None = 2
+    note: str | None = None
+
+
+def _predicted_direct(wl: LayerWorkload, measured: dict[str, tuple[LayerWorkload, int]]) -> int | None:
+    """The direct peak at ``wl``: a smaller measured size of the same layer scaled by the pixel count."""
+    if wl.layer not in measured:
+        return None
+    small, peak = measured[wl.layer]
+    return round(peak * (wl.batch * wl.size**2) / (small.batch * small.size**2))
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None] = print) -> dict:
+    """Measure every workload of ``settings``, writing the run's JSON to ``out`` after each one."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    limit = settings.memory_limit or DEFAULT_LIMIT
+    chosen = workloads(settings.layers, quick=settings.quick, sizes=settings.sizes, budget=settings.budget)
+    doc = {
+        "schema": 1,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]]),
+        "device": "cpu",
+        "suite": "layers",
+        "dtypes": ["float32"],
+        "modes": ["fwd+bwd"],
+        "repeats": settings.repeats,
+        "max_seconds_per_case": settings.max_seconds,
+        "memory_limit_bytes": limit,
+        "isolated": settings.isolate,
+        "note": settings.note,
+        "machine": machine_info("cpu"),
+        "measurements": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"{len(chosen)} workloads -> {out} (memory limit {format_bytes(limit)})")
+    started = time.perf_counter()
+    worker = None
+    if settings.isolate:
+        worker = IsolatedWorker(limit, settings.case_timeout, settings.threads, str(out.with_suffix(".stderr.log")))
+
+    def measure(case: LayerCase) -> dict:
+        result = worker.run(case) if worker is not None else case.run()
+        if "methods" not in result:  # the child died or timed out: every method of the case shares its fate
+            result["methods"] = {m: {**_empty(), "status": result["status"], "message": result["message"]}
+                                 for m in case.methods}  # fmt: skip
+        return result["methods"]
+
+    measured: dict[str, tuple[LayerWorkload, int]] = {}
+    try:
+        for i, wl in enumerate(chosen, 1):
+            predicted = _predicted_direct(wl, measured)
+            record: dict = {"workload": wl.as_dict(), "direct_predicted_bytes": predicted}
+            if predicted is None or predicted <= limit:
+                record["methods"] = measure(LayerCase(wl, METHODS, settings.repeats, settings.max_seconds))
+                record["direct_attempt"] = "measured"
+            else:  # chunkconv alone, then one direct call under the cap
+                record["methods"] = measure(LayerCase(wl, ("chunkconv",), settings.repeats, settings.max_seconds))
+                record["methods"].update(measure(LayerCase(wl, ("direct",), 0, settings.max_seconds)))
+                record["direct_attempt"] = "once under the cap"
+            direct = record["methods"]["direct"]
+            if direct["status"] == "ok" and wl.layer not in measured:
+                measured[wl.layer] = (wl, direct["peak_bytes"])
+            doc["measurements"].append(record)
+            _write(out, doc)
+            summary = "; ".join(f"{m} {_summary(r)}" for m, r in record["methods"].items())
+            log(f"[{i}/{len(chosen)}] {wl.name}: {summary}")
+    finally:
+        if worker is not None:
+            worker.close()
+    doc["machine"]["load_average_end"] = list(os.getloadavg())
+    doc["elapsed_s"] = time.perf_counter() - started
+    _write(out, doc)
+    return doc
+
+
+def _summary(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['status']} ({r.get('message')})"
+    return f"{r['median_s'] * 1e3:.0f} ms / {format_bytes(r['peak_bytes'])}"
+
+
+def main_layers(args) -> int:
+    """``python -m benchmarks layers`` (the parsed arguments of :func:`benchmarks.__main__.main`)."""
+    from chunkconv.budget import parse_budget
+
+    settings = LayerSettings(
+        layers=args.layers,
+        quick=args.quick,
+        sizes=args.sizes,
+        budget=args.budget,
+        repeats=args.repeats,
+        max_seconds=args.max_seconds,
+        memory_limit=parse_budget(args.memory_limit) if args.memory_limit else None,
+        isolate=not args.no_isolate,
+        case_timeout=args.case_timeout,
+        threads=args.threads or None,
+        note=args.note,
+    )
+    stem = args.name or f"cpu-layers-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.out)
+    doc = run_layers(settings, out / f"{stem}.json")
+    page = render_layers_run(doc)
+    (out / f"{stem}.md").write_text(page)
+    print(page)
+    print(f"wrote {out / stem}.json, .md")
+    return 0
