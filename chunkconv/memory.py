@@ -27,6 +27,16 @@ entry, which ``with`` guarantees. On CUDA the inner tracker's reset is folded in
 trackers' maxima first; on the CPU the profiler session is stopped, its events are replayed into
 every active tracker, and a new session starts, so each tracker sees exactly its own block.
 
+Threads: the trackers of one device are active in one thread at a time (the CPU's profiler has
+one session per process: two at once crash it; CUDA's peak counter is one per device). A thread
+entering a tracker while another thread has one active on the device *waits* until that
+thread's last one exits; nesting in one thread never waits. So several threads can plan and
+measure at once: they take turns, each measuring exactly its own block. The wait is unbounded
+unless ``timeout`` says otherwise, and it deadlocks where the thread holding the trackers waits
+for the waiting one (a tracker around a block that joins worker threads which measure, or plan
+convolutions): pass ``timeout`` there and handle ``TimeoutError``. Trackers of two devices
+entered in opposite orders by two threads can deadlock the same way.
+
 Overhead (CPU): under 1 ms to enter; each op inside the block runs a few microseconds slower (the
 profiler records it); exit costs roughly 10 us per allocation or free made in the block (the
 profiler's post-processing plus the replay in Python): 0.6 s after 10,000 tiny ops that made
@@ -43,7 +53,7 @@ Limits (CPU):
   those.
 * It uses the profiler, so no other ``torch.profiler`` session may run while a tracker is active:
   entering under one raises ``RuntimeError``, and so does exiting a tracker whose block ran one
-  (the numbers would be incomplete). CPU trackers may be active in one thread at a time.
+  (the numbers would be incomplete).
 * The first free of a pre-existing block inside a tracker makes c10 print a one-time "Memory
   block of unknown size was allocated before the profiling started" warning; it is harmless.
 * It relies on the profiler's ``experimental_event_tree`` API (present in PyTorch 2.x); the
@@ -53,6 +63,7 @@ Limits (CPU):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -73,15 +84,27 @@ __all__ = ["MemoryTracker"]
 class MemoryTracker:
     """Context manager measuring the peak memory a block of torch code allocates on one device.
 
+    Trackers of one device are active in one thread at a time: a tracker entered while another
+    thread has one active waits until that thread's last tracker of the device exits (nesting in
+    one thread never waits). So several threads may plan at once; they take turns measuring.
+
     Args:
         device: The CPU or a CUDA device to watch. Default: ``None`` (torch's default device,
             normally the CPU).
+        timeout: The most seconds to wait for another thread's trackers of the device to exit;
+            ``None`` waits as long as it takes. Set one where the other thread might be waiting
+            for this one (a thread measuring a block that joins worker threads which measure):
+            without it, both wait forever. Default: ``None``.
 
     Attributes:
         device: The watched device (a bare ``"cuda"`` resolved to the current CUDA device).
 
     Raises:
-        ValueError: If ``device`` is neither a CPU nor an available CUDA device.
+        ValueError: If ``device`` is neither a CPU nor an available CUDA device, or ``timeout``
+            is negative.
+        TypeError: If ``timeout`` is not a number.
+        TimeoutError: On entering, if another thread kept its trackers active for ``timeout``
+            seconds.
 
     Examples:
         >>> with MemoryTracker("cpu") as t:
@@ -92,12 +115,13 @@ class MemoryTracker:
 
     """
 
-    def __init__(self, device: torch.device | str | int | None = None) -> None:
+    def __init__(self, device: torch.device | str | int | None = None, *, timeout: float | None = None) -> None:
         self.device = _resolve_device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"Invalid value for `device`; MemoryTracker watches 'cpu' and 'cuda' devices only, got {device=}."
             )
+        self._timeout = _check_timeout(timeout)
         self._active = False
         self._peak: int | None = None
         self._current: int | None = None
@@ -106,7 +130,7 @@ class MemoryTracker:
         if self._active:
             raise RuntimeError("This MemoryTracker is already active; nest a new MemoryTracker instead.")
         self._peak = self._current = None
-        _backend(self.device).enter(self)
+        _backend(self.device).enter(self, self._timeout)
         self._active = True
         return self
 
@@ -146,11 +170,25 @@ class MemoryTracker:
         )
 
 
+def _check_timeout(timeout: object) -> float | None:
+    expected = "expected None or a number of seconds >= 0"
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"Invalid value for `timeout`; {expected}, got {timeout=}.")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"Invalid value for `timeout`; {expected}, got {timeout=}.")
+    return None if math.isinf(timeout) else float(timeout)
+
+
 _S = TypeVar("_S")
 
 
 class _Backend(Generic[_S]):
-    """A stack of active trackers on one device, owned by one thread at a time.
+    """The stack of active trackers on one device, owned by one thread at a time.
+
+    A thread that enters a tracker while another thread owns the stack waits until the stack is
+    empty and its owner has released it.
 
     Subclasses say how to pause measuring (folding what was measured into every active tracker),
     how to resume it, and how to begin and finish one tracker.
@@ -158,33 +196,35 @@ class _Backend(Generic[_S]):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
         self._stack: list[tuple[MemoryTracker, _S]] = []
         self._owner: int | None = None
 
-    def enter(self, tracker: MemoryTracker) -> None:
-        with self._lock:
+    def enter(self, tracker: MemoryTracker, timeout: float | None) -> None:
+        me = threading.get_ident()
+        with self._turn:
+            if self._owner != me and not self._turn.wait_for(lambda: self._owner is None, timeout):
+                raise TimeoutError(
+                    f"Timed out after {timeout:g} s waiting for the MemoryTracker on {self.device} of another "
+                    "thread; trackers of one device take turns between threads. Pass a longer `timeout` "
+                    "(or None), or measure outside that thread's block."
+                )
             if self._stack:
-                if self._owner != threading.get_ident():
-                    raise RuntimeError(
-                        f"A MemoryTracker on {self.device} is already active in another thread; "
-                        "trackers of one device can only be active in one thread at a time."
-                    )
                 self._pause()
             else:
                 self._preflight()
-                self._owner = threading.get_ident()
+                self._owner = me
             self._stack.append((tracker, self._begin()))
             try:
                 self._resume()
             except BaseException:
                 self._stack.pop()
                 if not self._stack:
-                    self._owner = None
+                    self._release()
                 raise
 
     def exit(self, tracker: MemoryTracker) -> tuple[int, int]:
-        with self._lock:
+        with self._turn:
             if not self._stack or self._stack[-1][0] is not tracker or self._owner != threading.get_ident():
                 raise RuntimeError("MemoryTrackers must exit in the reverse order of entering, in the same thread.")
             try:
@@ -194,8 +234,13 @@ class _Backend(Generic[_S]):
                 if self._stack:
                     self._resume()
                 else:
-                    self._owner = None
+                    self._release()
             return self._finish(state)
+
+    def _release(self) -> None:
+        """The last tracker is gone: let other threads take their turn."""
+        self._owner = None
+        self._turn.notify_all()
 
     def _preflight(self) -> None:
         """Check that measuring can start; called when the first tracker enters."""
