@@ -1,15 +1,18 @@
-"""MemoryTracker under stress: several threads.
+"""MemoryTracker under stress: several threads, interrupts at any moment.
 
 The planner measures every new shape with a tracker, so whatever goes wrong here goes wrong in
-users' convolutions: a second planning thread must wait its turn.
+users' convolutions: a second planning thread must wait its turn, and an interrupt must never
+leave the profiler running.
 """
 
+import os
 import threading
 
 import pytest
 import torch
 
 import chunkconv
+import chunkconv.memory
 from chunkconv.memory import MemoryTracker
 
 
@@ -165,3 +168,189 @@ def test_many_threads_each_measure_exactly_their_own_allocations():
     assert not errors, errors
     for size in sizes:
         assert peaks[size] == [(2 * size, size)] * rounds
+
+
+# --- interrupts -------------------------------------------------------------------------------
+
+
+class _Interrupt:
+    """Raise KeyboardInterrupt at the ``n``-th call of any watched function, before or after it runs."""
+
+    def __init__(self, monkeypatch, n: int, after: bool) -> None:
+        self.n, self.after, self.calls, self.fired = n, after, 0, None
+        for name in ("_prepare_profiler", "_enable_profiler", "_disable_profiler", "_profiler_enabled"):
+            monkeypatch.setattr(torch.autograd, name, self._wrap(name, getattr(torch.autograd, name)))
+        for name in ("_cpu_allocations", "_quiet_stderr"):
+            monkeypatch.setattr(chunkconv.memory, name, self._wrap(name, getattr(chunkconv.memory, name)))
+
+    def _wrap(self, name, real):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            fire = self.calls == self.n
+            if fire and not self.after:
+                self.fired = f"before {name}"
+                raise KeyboardInterrupt
+            result = real(*args, **kwargs)
+            if fire and self.after:
+                self.fired = f"after {name}"
+                raise KeyboardInterrupt
+            return result
+
+        return wrapper
+
+
+def _nested_blocks(made: list[int]) -> tuple[MemoryTracker, MemoryTracker]:
+    outer, inner = MemoryTracker("cpu"), MemoryTracker("cpu")
+    with outer:
+        x = torch.empty(1000, dtype=torch.uint8)
+        made.append(1000)
+        with inner:
+            y = torch.empty(2000, dtype=torch.uint8)
+            made.append(2000)
+        del x, y
+    return outer, inner
+
+
+def _known(tracker: MemoryTracker) -> int | None:
+    try:
+        return tracker.peak
+    except RuntimeError:  # the measurement was cut short: an error, never a wrong number
+        return None
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-call", "after-call"])
+def test_an_interrupt_at_any_profiler_call_leaves_no_profiler_running(monkeypatch, after):
+    # Issue: an interrupt between the profiler call and the flag that records it left torch's
+    # profiler on for the rest of the process: later plans fell back to the coarse bound,
+    # MemoryTracker refused to start, memory grew with every call.
+    stderr = os.fstat(2)
+    fired = []
+    for n in range(1, 100):
+        made: list[int] = []
+        trackers = []
+        with monkeypatch.context() as patch:
+            interrupt = _Interrupt(patch, n, after)
+            try:
+                trackers = _nested_blocks(made)
+            except KeyboardInterrupt:
+                pass
+        assert not torch.autograd._profiler_enabled(), f"profiler left on by an interrupt {interrupt.fired}"
+        assert (os.fstat(2).st_dev, os.fstat(2).st_ino) == (stderr.st_dev, stderr.st_ino), interrupt.fired
+        _fresh_tracker_works()
+        if interrupt.fired is None:
+            outer, inner = trackers
+            assert (outer.peak, inner.peak) == (3000, 2000)
+            break
+        fired.append(interrupt.fired)
+    else:
+        pytest.fail("the scenario never completed")
+    assert len(fired) >= 8, fired  # every start, pause, resume and stop was interrupted once
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-call", "after-call"])
+def test_an_interrupt_never_gives_a_wrong_number(monkeypatch, after):
+    for n in range(1, 100):
+        made: list[int] = []
+        outer, inner = MemoryTracker("cpu"), MemoryTracker("cpu")
+
+        def blocks(made=made, outer=outer, inner=inner):
+            with outer:
+                x = torch.empty(1000, dtype=torch.uint8)
+                made.append(1000)
+                with inner:
+                    y = torch.empty(2000, dtype=torch.uint8)
+                    made.append(2000)
+                del x, y
+
+        with monkeypatch.context() as patch:
+            interrupt = _Interrupt(patch, n, after)
+            try:
+                blocks()
+            except KeyboardInterrupt:
+                pass
+        assert _known(outer) in (None, sum(made)), interrupt.fired
+        assert _known(inner) in (None, 2000 if 2000 in made else None), interrupt.fired
+        if interrupt.fired is None:
+            break
+
+
+class _Nested:
+    """``depth`` nested CPU trackers in one ``with``."""
+
+    def __init__(self, depth: int) -> None:
+        self.trackers = [MemoryTracker("cpu") for _ in range(depth)]
+
+    def __enter__(self) -> list[MemoryTracker]:
+        for entered, tracker in enumerate(self.trackers):
+            try:
+                tracker.__enter__()
+            except BaseException:
+                for t in reversed(self.trackers[:entered]):
+                    t.__exit__(None, None, None)
+                raise
+        return self.trackers
+
+    def __exit__(self, *exc):
+        for tracker in reversed(self.trackers):
+            tracker.__exit__(*exc)
+
+
+def test_an_interrupt_inside_the_block_stops_measuring():
+    for depth in (1, 2, 3):
+        with pytest.raises(KeyboardInterrupt), _Nested(depth) as trackers:
+            x = torch.empty(10)
+            raise KeyboardInterrupt
+        assert not torch.autograd._profiler_enabled()
+        assert [t.peak for t in trackers] == [40] * depth  # the block's own exception does not spoil them
+        del x
+        _fresh_tracker_works()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["outermost", "nested"])
+def test_an_interrupt_just_after_entering_is_undone(monkeypatch, nested):
+    # `with` calls __exit__ only once __enter__ has returned: an interrupt between the backend's
+    # bookkeeping and that return must not leave the tracker (and the profiler) active.
+    real = chunkconv.memory._CpuBackend.enter
+    fired = []
+
+    def enter_then_interrupt(self, tracker, *args):
+        real(self, tracker, *args)
+        if tracker is target and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    outer, target = MemoryTracker("cpu"), MemoryTracker("cpu")
+    monkeypatch.setattr(chunkconv.memory._CpuBackend, "enter", enter_then_interrupt)
+    if nested:
+        with outer:
+            x = torch.empty(10)
+            with pytest.raises(KeyboardInterrupt), target:
+                pass
+            y = torch.empty(20)
+        assert outer.peak == 120  # the outer tracker measured on
+        del x, y
+    else:
+        with pytest.raises(KeyboardInterrupt), target:
+            pass
+    assert fired
+    assert not torch.autograd._profiler_enabled()
+    monkeypatch.undo()
+    _fresh_tracker_works()
+
+
+def test_a_failing_profiler_stop_still_leaves_the_next_tracker_working(monkeypatch):
+    real = torch.autograd._disable_profiler
+    calls = []
+
+    def fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure inside the profiler")
+        return real()
+
+    monkeypatch.setattr(torch.autograd, "_disable_profiler", fails_once)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        with MemoryTracker("cpu"):
+            pass
+    assert not torch.autograd._profiler_enabled()
+    _fresh_tracker_works()
