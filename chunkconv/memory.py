@@ -38,8 +38,8 @@ convolutions): pass ``timeout`` there and handle ``TimeoutError``. Trackers of t
 entered in opposite orders by two threads can deadlock the same way.
 
 Interrupts: every start, pause, resume and stop is exception-safe, ``KeyboardInterrupt``
-included: whatever is interrupted, the profiler is stopped, stderr is restored, and the next
-tracker works. A tracker whose measurement was cut short (its events were
+included: whatever is interrupted, the profiler is stopped, stderr and c10's log level are
+restored, and the next tracker works. A tracker whose measurement was cut short (its events were
 lost, or reached some trackers only) raises ``RuntimeError`` from ``peak`` and ``current``
 instead of reporting a wrong number; an exception raised by the block itself spoils nothing.
 Python delivers an interrupt between any two bytecodes, so a second interrupt inside the cleanup
@@ -62,8 +62,13 @@ Limits (CPU):
 * It uses the profiler, so no other ``torch.profiler`` session may run while a tracker is active
   (in any thread): entering under one raises ``RuntimeError``, and so does exiting a tracker
   whose block ran one (the numbers would be incomplete).
-* The first free of a pre-existing block inside a tracker makes c10 print a one-time "Memory
-  block of unknown size was allocated before the profiling started" warning; it is harmless.
+* Freeing, inside a tracker, a block allocated before the profiling started makes c10's CPU
+  allocator log "Memory block of unknown size was allocated before the profiling started" (once
+  per 1000 such frees; a garbage collection inside a planning probe does it). While CPU trackers
+  are active, c10's log level (``TORCH_CPP_LOG_LEVEL``) is raised to errors so that users never
+  see it, and restored when the last one exits: other c10 warnings (not Python warnings) from any
+  thread are hidden meanwhile too. The level is found in torch's own ``lib/libc10`` (as in PyPI's
+  wheels); where it is not, the harmless line may still appear.
 * File descriptor 2 is pointed at ``/dev/null`` for the moment the profiler starts or stops (it
   prints a line each time), so other threads' stderr output in that moment is lost.
 * It relies on the profiler's ``experimental_event_tree`` API (present in PyTorch 2.x); the
@@ -73,6 +78,8 @@ Limits (CPU):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
 import sys
@@ -380,6 +387,7 @@ class _CpuBackend(_Backend[_CpuState]):
         super().__init__(device)
         self._on = False
         self._on_thread: int | None = None
+        self._saved_log_level: int | None = None
 
     def _open(self) -> None:
         if self._on:  # a cleanup cut short by a second interrupt left the profiler (possibly) running
@@ -394,9 +402,13 @@ class _CpuBackend(_Backend[_CpuState]):
                 "Cannot start a CPU MemoryTracker while a torch profiler is running: the tracker "
                 "measures with the profiler. Stop the profiler or measure outside it."
             )
+        self._silence_c10_warnings()
 
     def _close(self) -> None:
-        self._switch_off()
+        try:
+            self._switch_off()
+        finally:
+            self._restore_c10_warnings()
 
     def _resume(self) -> None:
         if self._on and torch.autograd._profiler_enabled():  # still on: a pause was cut short before stopping it
@@ -456,6 +468,20 @@ class _CpuBackend(_Backend[_CpuState]):
         if first is not None:
             raise first
 
+    def _silence_c10_warnings(self) -> None:
+        """Raise c10's log level to errors while trackers run (see the module docstring)."""
+        level = _c10_log_level()
+        if level is None or self._saved_log_level is not None:  # unavailable, or already raised
+            return
+        self._saved_log_level = level.value
+        level.value = max(level.value, _C10_ERROR)
+
+    def _restore_c10_warnings(self) -> None:
+        level = _c10_log_level()
+        if level is not None and self._saved_log_level is not None:
+            level.value = self._saved_log_level
+            self._saved_log_level = None
+
     def _begin(self) -> _CpuState:
         return _CpuState()
 
@@ -466,6 +492,27 @@ class _CpuBackend(_Backend[_CpuState]):
 
     def _mark(self, state: _CpuState, reason: str) -> None:
         state.broken = state.broken or reason
+
+
+# c10's log severities are 0 info, 1 warning, 2 error, 3 fatal; it prints those >= its level.
+_C10_ERROR = 2
+
+
+@functools.cache
+def _c10_log_level() -> ctypes.c_int | None:
+    """c10's minimum log level, or ``None`` where this torch build does not export it.
+
+    It is ``FLAGS_caffe2_log_level``, the flag ``TORCH_CPP_LOG_LEVEL`` sets at start-up.
+    """
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libc10.so", "libc10.dylib", "c10.dll"):
+        path = os.path.join(lib, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.c_int.in_dll(ctypes.CDLL(path), "FLAGS_caffe2_log_level")
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 @contextlib.contextmanager
