@@ -433,8 +433,8 @@ class _CpuBackend(_Backend[_CpuState]):
             return
         if not torch.autograd._profiler_enabled():  # a torch.profiler inside the block took over and stopped
             self._on = False
-            self._break(_PROFILER_STOPPED)
-            raise _Incomplete(_PROFILER_STOPPED)
+            self._break(_PROFILER_STOPPED)  # their _finish raises; a tracker nested now measures as usual
+            return
         replayed = False
         try:
             with _quiet_stderr():

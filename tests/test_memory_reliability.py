@@ -469,3 +469,17 @@ def test_repeated_use_does_not_grow_memory():
     # 0 MiB measured; a profiler left running, which keeps every event it records, adds ~18 MiB
     # over these 200 uses (the issue: 479 MiB per 100 convolution calls).
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 uses"
+
+
+def test_a_profiler_stopped_in_an_outer_block_spoils_only_the_outer_tracker():
+    with pytest.raises(RuntimeError, match=r"^The profiler session of a CPU MemoryTracker was stopped inside"):
+        with MemoryTracker("cpu") as outer:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+                pass
+            with MemoryTracker("cpu") as inner:  # starts a new session: its own block is measured
+                x = torch.empty(10)
+    assert inner.peak == 40
+    with pytest.raises(RuntimeError, match=r"^MemoryTracker\.peak is unknown: The profiler session of a CPU"):
+        _ = outer.peak
+    del x
+    _fresh_tracker_works()
