@@ -1,4 +1,5 @@
-r"""Command line: ``python -m chunkconv plan ...`` prints a plan without allocating the input.
+r"""Command line: ``python -m chunkconv plan ...`` prints a plan without allocating the input;
+``python -m chunkconv doctor`` says what runs here and checks it (see :mod:`chunkconv.doctor`).
 
 The ``plan`` command means what the Python API means: an int ``--kernel-size`` is a 2-D kernel
 (``--ndim`` says otherwise), a kernel of several sizes fixes the number of spatial dims, and an
@@ -10,6 +11,7 @@ Example::
         --padding 1 --hidden 32 --budget 4GB
     python -m chunkconv plan --input 16x4096x4096 --kernel-size 3     # one unbatched 2-D image
     python -m chunkconv plan --input 1x16x4096 --kernel-size 3 --ndim 1
+    python -m chunkconv doctor --json
 """
 
 from __future__ import annotations
@@ -115,6 +117,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--device", default="cpu", help="where the convolution would run: cpu, cuda, cuda:1, ...")
     p.add_argument("--inference", action="store_true", help="plan forward only (default: training)")
 
+    d = sub.add_parser(
+        "doctor",
+        help="print versions, devices and what runs here, then check every path on this device",
+        description="Print versions, devices and which paths and backends can run here (and why "
+        "not), then check each path against the float64 reference and the measured memory against "
+        "the budget. Exits non-zero when a check fails.",
+        formatter_class=_HelpFormatter,
+    )
+    d.add_argument("--json", action="store_true", help="print one JSON object (for bug reports)")
+    d.add_argument("--device", help="the device to check (default: cuda if available, else cpu)")
     return parser, p
 
 
@@ -213,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m chunkconv`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser, plan_parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from .doctor import run
+
+        return run(device=args.device, as_json=args.json)
     return _plan(plan_parser, args)
 
 
