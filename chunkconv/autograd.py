@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .binding import buffer_copies
 from .execute import ChunkStep, add_bias, backward_chunks, forward_chunks
-from .gather import make_streams
+from .gather import SOURCED_KINDS, make_streams
 from .geometry import ConvGeometry
 from .replay import ReplayState
 
@@ -27,8 +27,9 @@ __all__ = ["DynamicConvFunction", "ForwardContext"]
 class ForwardContext:
     """Everything non-tensor the Function needs to run and to replay a call.
 
-    ``streams`` names the kind of each source tensor passed to the Function, in order (see
-    :data:`chunkconv.gather.STREAM_KINDS`).
+    ``streams`` names the per-location inputs a chunk reads, in order (see
+    :data:`chunkconv.gather.STREAM_KINDS`); the Function takes a source tensor for each but
+    ``"positions"``.
     """
 
     step: ChunkStep  # the path's chunk arithmetic (generic or fast)
@@ -37,13 +38,18 @@ class ForwardContext:
     out_dtype: torch.dtype
     streams: tuple[str, ...] = ("patches",)
 
+    @property
+    def num_sources(self) -> int:
+        """How many of the Function's tensor inputs are streamed sources (positions have none)."""
+        return sum(k in SOURCED_KINDS for k in self.streams)
+
 
 class DynamicConvFunction(torch.autograd.Function):
     """``apply(run: ForwardContext, bias, *sources, *generator_params) -> output``."""
 
     @staticmethod
     def forward(ctx, run: ForwardContext, bias: Tensor | None, *tensors: Tensor) -> Tensor:
-        sources = tensors[: len(run.streams)]
+        sources = tensors[: run.num_sources]
         device = sources[0].device
         ctx.run = run
         ctx.replay = ReplayState.capture(device)
@@ -65,7 +71,7 @@ class DynamicConvFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y: Tensor) -> tuple:
         run: ForwardContext = ctx.run
-        count = len(run.streams)
+        count = run.num_sources
         saved = ctx.saved_tensors
         sources, params = saved[:count], saved[count:]
         needs = ctx.needs_input_grad
@@ -91,7 +97,8 @@ class DynamicConvFunction(torch.autograd.Function):
                     splittable=not ctx.uses_rng,
                 )
 
-        source_grads, param_grads = ctx.replay.replay(recompute)
+        stream_grads, param_grads = ctx.replay.replay(recompute)
+        source_grads = [g for g, kind in zip(stream_grads, run.streams) if kind in SOURCED_KINDS]
         return (None, grad_bias, *source_grads, *param_grads)
 
 

@@ -18,14 +18,19 @@ from torch import Tensor, nn
 
 from .checks import (
     AUTOCAST_DTYPES,
+    SideInput,
     batched_shape,
     check_bias,
     check_budget_form,
     check_chunk_size,
     check_generator,
     check_input_dtype,
+    check_inputs,
     check_path,
+    check_side_inputs,
+    check_static_weight,
 )
+from .forms import FORMS, KernelForm, check_form
 from .geometry import ConvGeometry, ConvSpec
 
 __all__ = ["Budget", "Call", "CallOptions", "Generator", "describe_call", "result_dtype"]
@@ -44,6 +49,10 @@ class CallOptions:
         chunk_size: patches per chunk, overriding the budget; ``None`` to plan from the budget.
         allow_batch_coupled: run generators whose rows interact.
         path: ``"auto"``, ``"fast"`` or ``"generic"``.
+        kernel: the kernel form, ``"full"``, ``"modulated"`` or ``"shared"`` (see :mod:`chunkconv.forms`).
+        kernel_groups: the channel groups of ``kernel="shared"`` (default 1).
+        inputs: what the generator receives, in order: ``"patches"``, ``"features"``, ``"guide"``,
+            ``"positions"``.
 
     """
 
@@ -51,11 +60,17 @@ class CallOptions:
     chunk_size: int | None = None
     allow_batch_coupled: bool = False
     path: str = "auto"
+    kernel: str = "full"
+    kernel_groups: int | None = None
+    inputs: tuple[str, ...] = ("patches",)
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
         check_path(self.path)
         check_budget_form(self.budget)
+        object.__setattr__(self, "inputs", check_inputs(self.inputs))
+        if self.kernel not in FORMS:
+            raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={self.kernel!r}.")
 
 
 def result_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +86,10 @@ class Call:
 
     ``params`` are the generator's parameters by name (the tensors autograd tracks); ``training``
     says whether backward will run; ``op`` names the public function or module called.
+    ``streams`` are the per-location inputs a chunk reads (the patches first, then each other
+    kind the generator receives); ``generator_inputs`` index them in the generator's order;
+    ``channels`` gives each sourced stream's channel count and ``source_grads`` whether it needs
+    a gradient (in ``streams`` order, positions excluded).
     """
 
     op: str
@@ -84,6 +103,11 @@ class Call:
     input_grad: bool
     params: dict[str, Tensor]
     options: CallOptions
+    form: KernelForm
+    streams: tuple[str, ...] = ("patches",)
+    generator_inputs: tuple[int, ...] = (0,)
+    channels: tuple[int, ...] = ()
+    source_grads: tuple[bool, ...] = ()
 
 
 def describe_call(
@@ -98,19 +122,30 @@ def describe_call(
     *,
     training: bool | None,
     input_grad: bool,
+    side: dict[str, SideInput] | None = None,
+    weight: Tensor | None = None,
 ) -> Call:
     """Check a call on an input of ``shape``, ``dtype`` and ``device``: every check, no tensor work.
 
-    ``training`` ``None`` means: whether grad mode is on and anything needs a gradient.
+    ``side`` maps ``"features"``/``"guide"`` to the tensors (or shapes) given; ``weight`` is the
+    modulated form's static weight. ``training`` ``None`` means: whether grad mode is on and
+    anything needs a gradient.
     """
     check_input_dtype(dtype, op)
     batched, unbatched = batched_shape(shape, spec.ndim, spec.in_channels, op)
     geom = spec.geometry(batched)
     check_bias(bias, device, spec.out_channels)
+    kernel_groups = check_form(options.kernel, options.kernel_groups, spec.in_channels, spec.out_channels, spec.groups)
+    check_static_weight(weight, options.kernel, geom.weight_shape, device, dtype)
+    side = side or {}
+    check_side_inputs(side, options.inputs, geom, unbatched, dtype, device, op)
     params = check_generator(generator, device, dtype, options.allow_batch_coupled)
+    streams = ("patches", *(k for k in options.inputs if k != "patches"))
+    side_grads = tuple(_requires_grad(side[k]) for k in streams[1:] if k != "positions")
     if training is None:
-        tracked = (*params.values(), *([bias] if bias is not None else []))
-        training = torch.is_grad_enabled() and (input_grad or any(t.requires_grad for t in tracked))
+        tracked = (*params.values(), *(t for t in (bias, weight) if t is not None))
+        wanted = input_grad or any(side_grads) or any(t.requires_grad for t in tracked)
+        training = torch.is_grad_enabled() and wanted
     return Call(
         op=op,
         spec=spec,
@@ -123,4 +158,17 @@ def describe_call(
         input_grad=input_grad and training,
         params=params,
         options=options,
+        form=KernelForm(options.kernel, geom, kernel_groups),
+        streams=streams,
+        generator_inputs=tuple(streams.index(k) for k in options.inputs),
+        channels=(spec.in_channels, *(_shape(side[k])[1 - unbatched] for k in streams[1:] if k != "positions")),
+        source_grads=(input_grad and training, *(g and training for g in side_grads)),
     )
+
+
+def _shape(t: SideInput) -> tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
+
+
+def _requires_grad(t: SideInput) -> bool:
+    return t.requires_grad if isinstance(t, Tensor) else True

@@ -8,6 +8,7 @@ touches tensor data: checks look at types, shapes, dtypes, devices and module st
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,10 +17,13 @@ from torch import Tensor, nn
 
 from .budget import parse_budget
 from .errors import BatchCoupledGeneratorError
+from .geometry import ConvGeometry
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "INPUT_KINDS",
     "PATHS",
+    "SideInput",
     "batched_shape",
     "check_bias",
     "check_budget_form",
@@ -28,7 +32,10 @@ __all__ = [
     "check_generator_callable",
     "check_input_dtype",
     "check_input_type",
+    "check_inputs",
     "check_path",
+    "check_side_inputs",
+    "check_static_weight",
 ]
 
 PATHS = ("auto", "fast", "generic")
@@ -67,6 +74,10 @@ def check_budget_form(budget: object) -> None:
     Only its form is checked, against the CPU: a layer may be built on ``"meta"`` (deferred init),
     whose free memory is unknown; fractions and ``"auto"`` are resolved per call.
     """
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        return  # resolved per call; checking it here would read the free memory (and trip torch.compile)
+    if isinstance(budget, numbers.Real) and not isinstance(budget, (bool, numbers.Integral)) and 0.0 < budget <= 1.0:
+        return  # a fraction: likewise
     parse_budget(budget, "cpu")  # type: ignore[arg-type]
 
 
@@ -150,6 +161,87 @@ def check_generator(
                 "which casts float32/float16/bfloat16 but not float64)."
             )
     return dict(generator.named_parameters())
+
+
+# -- side inputs and the static weight ----------------------------------------------------------
+
+INPUT_KINDS = ("patches", "features", "guide", "positions")
+SideInput = Tensor | Sequence[int]  # a tensor, or (for plans) only its shape
+
+
+def check_inputs(inputs: object) -> tuple[str, ...]:
+    """Normalise ``inputs`` (what the generator receives) to a checked tuple of kinds."""
+    if isinstance(inputs, str):
+        inputs = (inputs,)
+    if not isinstance(inputs, Sequence) or not inputs or any(k not in INPUT_KINDS for k in inputs):
+        raise ValueError(
+            f"Invalid value for `inputs`; expected a non-empty tuple of {INPUT_KINDS} (what the generator "
+            f"receives, in order), got inputs={inputs!r}."
+        )
+    if len(set(inputs)) != len(inputs):
+        raise ValueError(f"Invalid value for `inputs`; each kind at most once, got inputs={tuple(inputs)!r}.")
+    return tuple(inputs)
+
+
+def check_side_inputs(
+    side: dict[str, SideInput],
+    inputs: tuple[str, ...],
+    geom: ConvGeometry,
+    unbatched: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    op: str,
+) -> None:
+    """Check ``features`` and ``guide`` against ``inputs`` and the call's geometry, before any work."""
+    for name in ("features", "guide"):
+        given = side.get(name)
+        if given is None and name in inputs:
+            raise ValueError(f"inputs={inputs!r} gives the generator `{name}`, but {op} got no `{name}=` tensor.")
+        if given is not None and name not in inputs:
+            raise ValueError(
+                f"{op} got `{name}=` but inputs={inputs!r} does not give it to the generator; "
+                f"add {name!r} to `inputs` (in the order the generator takes its arguments)."
+            )
+        if given is None:
+            continue
+        spatial = geom.out_spatial if name == "features" else geom.in_spatial
+        where = "one column per output location" if name == "features" else "windowed like the input"
+        shape = tuple(given.shape) if isinstance(given, Tensor) else tuple(int(s) for s in given)
+        lead = () if unbatched else (geom.batch,)
+        if len(shape) != len(lead) + 1 + geom.ndim or shape[len(lead) + 1 :] != spatial or shape[: len(lead)] != lead:
+            expected = (*lead, name[0].upper(), *spatial)
+            raise ValueError(
+                f"Invalid shape for `{name}` of {op}; expected {expected} ({where}: batch and spatial size "
+                f"{spatial} {'of the output' if name == 'features' else 'of the input'}), got {shape}."
+            )
+        if shape[len(lead)] < 1:
+            raise ValueError(f"Invalid shape for `{name}` of {op}; expected at least one channel, got {shape}.")
+        if isinstance(given, Tensor):
+            if given.device != device:
+                raise ValueError(f"`{name}` is on {given.device} but the input is on {device}; expected the same device.")
+            if given.dtype != dtype:
+                raise ValueError(f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same.")
+
+
+def check_static_weight(
+    weight: object, kernel: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> None:
+    """The modulated form needs its static weight ``(out, in / groups, *k)``; the others take none."""
+    if kernel != "modulated":
+        if weight is not None:
+            raise ValueError(f"`weight` is the static weight of kernel='modulated'; got one with kernel={kernel!r}.")
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(
+            f"kernel='modulated' needs its static weight: expected `weight` a Tensor of shape {shape}, "
+            f"got {type(weight).__name__}."
+        )
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"Invalid shape for `weight`; expected {shape} (out, in // groups, *kernel_size), got {tuple(weight.shape)}.")
+    if weight.device != device:
+        raise ValueError(f"`weight` is on {weight.device} but the input is on {device}; expected the same device.")
+    if weight.dtype != dtype and not (torch.is_autocast_enabled(device.type) and {weight.dtype, dtype} <= AUTOCAST_DTYPES):
+        raise ValueError(f"`weight` has dtype {weight.dtype} but the input has dtype {dtype}; expected the same.")
 
 
 # -- input and bias ----------------------------------------------------------------------------

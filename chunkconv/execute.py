@@ -21,6 +21,7 @@ from torch import Tensor
 from .binding import bind_parameters
 from .checks import AUTOCAST_DTYPES
 from .errors import GeneratorOutputError
+from .forms import KernelForm
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
 from .replay import RngState
@@ -68,29 +69,53 @@ class ChunkStep(Protocol):
     @property
     def generator(self) -> Callable[[Tensor], Tensor]: ...
 
+    @property
+    def extras(self) -> tuple[Tensor, ...]:
+        """The step's own parameters (the modulated form's static weight), bound after the generator's."""
+        ...
+
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
 
 
 @dataclass(frozen=True)
 class GeneratorStep:
-    """The generic path: the generator makes every patch's weight, then each is applied to its patch."""
+    """The generic path: the generator makes every location's kernel, then its form meets the patch.
+
+    ``form`` is the kernel form (default: a full weight per location, see :mod:`.forms`);
+    ``inputs`` are the positions in a chunk's rows of what the generator receives, in order
+    (default: the patches, ``rows[0]``); ``static`` is the modulated form's static weight, which
+    ``bind`` takes after the generator's parameters.
+    """
 
     generator: Callable[[Tensor], Tensor]
     param_names: tuple[str, ...]
     geom: ConvGeometry
+    form: KernelForm | None = None
+    inputs: tuple[int, ...] = (0,)
+    static: Tensor | None = None
+
+    @property
+    def extras(self) -> tuple[Tensor, ...]:
+        return () if self.static is None else (self.static,)
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
+        form = self.form or KernelForm("full", self.geom)
         if params is None:
-            return _BoundGenerator(self.generator, (), self.geom)
-        tensors = {**dict(zip(self.param_names, params)), **(buffers or {})}
-        return _BoundGenerator(bind_parameters(self.generator, tensors), tuple(params), self.geom)
+            return _BoundGenerator(self.generator, (), self.geom, form, self.inputs, self.static)
+        n = len(self.param_names)
+        tensors = {**dict(zip(self.param_names, params[:n])), **(buffers or {})}
+        static = params[n] if len(params) > n else self.static
+        return _BoundGenerator(bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static)
 
 
 @dataclass(frozen=True)
 class _BoundGenerator:
-    generator: Callable[[Tensor], Tensor]
+    generator: Callable[..., Tensor]
     params: tuple[Tensor, ...]
     geom: ConvGeometry
+    form: KernelForm
+    inputs: tuple[int, ...]
+    static: Tensor | None
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -98,7 +123,10 @@ class _BoundGenerator:
 
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         patches = rows[0]
-        return contract(run_generator(self.generator, patches, self.geom), patches, self.geom)
+        out = self.generator(*(rows[i] for i in self.inputs))
+        check_output_dtype(out, patches, "The generator")
+        width = sum(rows[i].shape[1] for i in self.inputs)
+        return self.form.apply(self.form.generated(out, patches.shape[0], width), patches, self.static)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         grads = iter(leaf_grads)

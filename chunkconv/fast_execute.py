@@ -22,19 +22,31 @@ from .binding import bind_parameters
 from .errors import GeneratorOutputError
 from .execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
 from .fastpath import LinearTail, PathChoice, find_linear_tail
+from .forms import KernelForm
 from .geometry import ConvGeometry
 
 __all__ = ["LinearTailStep", "build_step"]
 
 
 def build_step(
-    generator: Callable[[Tensor], Tensor], param_names: Sequence[str], choice: PathChoice, geom: ConvGeometry
+    generator: Callable[[Tensor], Tensor],
+    param_names: Sequence[str],
+    choice: PathChoice,
+    geom: ConvGeometry,
+    *,
+    form: KernelForm | None = None,
+    inputs: tuple[int, ...] = (0,),
+    static: Tensor | None = None,
 ) -> ChunkStep:
-    """The :class:`~.execute.ChunkStep` that runs ``choice`` (``param_names``: ``named_parameters()`` order)."""
+    """The :class:`~.execute.ChunkStep` that runs ``choice`` (``param_names``: ``named_parameters()`` order).
+
+    ``form``, ``inputs`` and ``static`` as for :class:`~.execute.GeneratorStep`; the fast path
+    takes the full form and one generator input.
+    """
     if choice.path == "fast":
-        assert isinstance(generator, nn.Module)
-        return LinearTailStep.build(generator, tuple(param_names), choice, geom)
-    return GeneratorStep(generator, tuple(param_names), geom)
+        assert isinstance(generator, nn.Module) and len(inputs) == 1
+        return LinearTailStep.build(generator, tuple(param_names), choice, geom, inputs[0])
+    return GeneratorStep(generator, tuple(param_names), geom, form, inputs, static)
 
 
 @dataclass(frozen=True)
@@ -46,15 +58,20 @@ class LinearTailStep:
     choice: PathChoice
     geom: ConvGeometry
     tail: LinearTail
+    source: int = 0  # which of a chunk's rows the body receives (the patches, or a side input)
 
     @classmethod
     def build(
-        cls, generator: nn.Module, param_names: tuple[str, ...], choice: PathChoice, geom: ConvGeometry
+        cls, generator: nn.Module, param_names: tuple[str, ...], choice: PathChoice, geom: ConvGeometry, source: int = 0
     ) -> LinearTailStep:
         tail, why = find_linear_tail(generator, geom)
         if tail is None:
             raise ValueError(f"The fast path needs a generator ending in nn.Linear, but {why}.")
-        return cls(generator, param_names, choice, geom, tail)
+        return cls(generator, param_names, choice, geom, tail, source)
+
+    @property
+    def extras(self) -> tuple[Tensor, ...]:
+        return ()
 
     @property
     def backend(self) -> Backend:
@@ -111,7 +128,7 @@ class _BoundLinearTail:
 
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         step, patches = self.step, rows[0]
-        h = _hidden(self.body, patches, step.tail)
+        h = _hidden(self.body, rows[step.source], step.tail)
         return step.backend.contract(patches, h, *self.prepared, step.geom, step.order)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -126,7 +143,7 @@ class _BoundLinearTail:
 
 
 def _hidden(body: Callable[[Tensor], Tensor], patches: Tensor, tail: LinearTail) -> Tensor:
-    h = body(patches)
+    h = body(patches)  # patches: whatever the generator receives
     rows = patches.shape[0]
     check_output_dtype(h, patches, "The generator's body (everything before its last nn.Linear)")
     if not isinstance(h, Tensor) or tuple(h.shape) != (rows, tail.hidden):

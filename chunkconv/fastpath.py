@@ -255,6 +255,7 @@ def choose_path(
     *,
     device: torch.device | str = "cpu",
     order: Order | None = None,
+    blocker: str | None = None,
 ) -> PathChoice:
     """Pick the fast or the generic path for one call, and the fast path's backend.
 
@@ -267,6 +268,8 @@ def choose_path(
         path: ``"auto"`` (fast where the generator qualifies), ``"fast"`` (raise if it does not)
             or ``"generic"`` (always form per-patch weights). Default: ``"auto"``.
         order: force a contraction order of the PyTorch fast path. Default: the cost model's.
+        blocker: why the call's own options rule the fast path out (a structured kernel form,
+            several generator inputs), or ``None``.
 
     Raises:
         ValueError: an unknown ``path`` or ``order``, or ``path="fast"`` with a generator that
@@ -279,6 +282,10 @@ def choose_path(
         raise ValueError(f"Invalid value for `order`; expected one of {ORDERS} or None, got {order=}.")
     if path == "generic":
         return PathChoice("generic", "path='generic' given")
+    if blocker is not None:
+        if path == "fast":
+            raise ValueError(f"path='fast' is not available for this call: {blocker}. Use path='auto' or 'generic'.")
+        return PathChoice("generic", blocker)
     tail, why = find_linear_tail(generator, geom)
     if tail is None:
         if path == "fast":

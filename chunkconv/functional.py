@@ -22,7 +22,7 @@ from .checks import check_input_type
 from .execute import ChunkStep, add_bias, forward_chunks
 from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
-from .gather import PatchStream
+from .gather import make_streams
 from .geometry import ConvSpec, conv_spec_for_input
 from .measure import ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
@@ -54,15 +54,23 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         device,
         torch.is_autocast_enabled(device.type),
         generator_state(generator),
+        call.form.name,
+        call.form.kernel_groups,
+        call.options.inputs,
+        call.channels,
     )
     step_key = (type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
-    mode = (call.training, call.input_grad)
+    mode = (call.training, call.source_grads)
     plan_key = ("plan", key, mode, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
     if plan_key in cache:
         return cache[plan_key]
     module = generator if isinstance(generator, nn.Module) else None
+    # over several chunks the previous and the new running sum coexist with a chunk's gradient,
+    # accumulated in at least float32
+    tracked = [*(module.parameters() if module else ()), *step.extras]
+    sourced = [k for k in call.streams if k != "positions"]
     request = PlanRequest(
         geom,
         call.dtype,
@@ -74,10 +82,12 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         budget=parse_budget(options.budget, device) if chunk_size is None else None,  # fails before probing
         budget_spec=budget_spec,
         chunk_size=chunk_size,
-        # over several chunks the previous and the new running sum coexist with a chunk's gradient,
-        # accumulated in at least float32
-        param_bytes=sum(p.numel() * max(4, p.element_size()) for p in module.parameters()) if module else 0,
+        param_bytes=sum(p.numel() * max(4, p.element_size()) for p in tracked),
         estimate=estimate,
+        sources=tuple(zip(sourced, call.channels, call.source_grads)),
+        kernel=call.form.name,
+        generated=call.form.weight_entries(),
+        inputs=call.options.inputs,
     )
     costs = ProbedCosts(
         step,
@@ -86,18 +96,35 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         out_dtype=call.out_dtype,
         device=device,
         training=call.training,
-        input_grad=call.input_grad,
         cache=cache,
         key=key,
         step_key=step_key,
+        streams=call.streams,
+        channels=call.channels,
+        source_grads=call.source_grads,
     )
     return remember(cache, plan_key, make_plan(request, costs))
 
 
-def _prepare(call: Call, generator: Generator, *, estimate: bool) -> tuple[ChunkStep, Plan]:
+def _fast_path_blocker(call: Call) -> str | None:
+    """Why the call's own options rule the fast path out, if they do."""
+    if call.form.name != "full":
+        return f"kernel={call.form.name!r} has its own contraction, which forms no per-location weight"
+    if len(call.generator_inputs) > 1:
+        return f"the generator takes {len(call.generator_inputs)} inputs ({', '.join(call.options.inputs)})"
+    return None
+
+
+def _prepare(
+    call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool
+) -> tuple[ChunkStep, Plan]:
     """The step that runs the call's path, and its plan."""
-    choice = choose_path(generator, call.geom, call.out_dtype, call.options.path, device=call.device)
-    step = build_step(generator, tuple(call.params), choice, call.geom)
+    choice = choose_path(
+        generator, call.geom, call.out_dtype, call.options.path, device=call.device, blocker=_fast_path_blocker(call)
+    )
+    step = build_step(
+        generator, tuple(call.params), choice, call.geom, form=call.form, inputs=call.generator_inputs, static=weight
+    )
     if call.training and not isinstance(generator, nn.Module):
         _check_tracked_grads(call, generator, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
@@ -109,7 +136,7 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
     Its captures are invisible, so it is checked on every training call (one run on two rows);
     a module's parameters are tracked, and its forward is not run more often than it must be.
     """
-    untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device)
+    untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams, call.channels)
     if untracked:
         raise ValueError(
             f"Invalid `generator` for {call.op}: the generator is a plain callable whose output needs a "
@@ -118,6 +145,10 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
             "no gradient. Make them the generator's parameters: pass the module itself as the generator, or "
             "wrap the function in an nn.Module that owns them."
         )
+
+
+def _side(features: object, guide: object) -> dict:
+    return {k: v for k, v in (("features", features), ("guide", guide)) if v is not None}
 
 
 @opaque_to_compile
@@ -129,9 +160,16 @@ def apply_spec(
     options: CallOptions | None = None,
     *,
     op: str = "dynamic_conv",
+    features: Tensor | None = None,
+    guide: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
     check_input_type(input, op)
+    side = _side(features, guide)
+    for name, tensor in side.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"Invalid type for `{name}` of {op}; expected a Tensor, got {type(tensor).__name__}.")
     call = describe_call(
         op,
         input.shape,
@@ -143,17 +181,20 @@ def apply_spec(
         options or CallOptions(),
         training=None,
         input_grad=input.requires_grad,
+        side=side,
+        weight=weight,
     )
-    step, plan = _prepare(call, generator, estimate=False)
-    x = input.unsqueeze(0) if call.unbatched else input
+    step, plan = _prepare(call, generator, weight, estimate=False)
+    batch = (lambda t: t.unsqueeze(0)) if call.unbatched else (lambda t: t)
+    sources = [batch(input), *(batch(side[k]) for k in call.streams[1:] if k != "positions")]
     geom = call.geom
     if plan.training:
-        run = ForwardContext(step, geom, plan.chunk_size, call.out_dtype)
-        y = DynamicConvFunction.apply(run, bias, x, *call.params.values())
+        run = ForwardContext(step, geom, plan.chunk_size, call.out_dtype, call.streams)
+        y = DynamicConvFunction.apply(run, bias, *sources, *call.params.values(), *step.extras)
     else:
         with torch.no_grad():  # nothing to differentiate: record no graph, whatever the generator captures
-            streams = [PatchStream(x, geom)]
-            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, x.device)
+            streams = make_streams(call.streams, sources, geom)
+            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, input.device)
         add_bias(y, bias)
     return y.squeeze(0) if call.unbatched else y
 
@@ -169,6 +210,9 @@ def plan_spec(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     op: str = "plan",
+    features: Tensor | Sequence[int] | None = None,
+    guide: Tensor | Sequence[int] | None = None,
+    weight: Tensor | None = None,
 ) -> Plan:
     """The :class:`Plan` a call on ``input`` (a tensor, or just its shape) would run."""
     if isinstance(input, Tensor):
@@ -181,9 +225,20 @@ def plan_spec(
         shape, input_grad = tuple(input), True
     options = options or CallOptions()
     call = describe_call(
-        op, shape, dtype, dev, generator, spec, bias, options, training=training, input_grad=input_grad
+        op,
+        shape,
+        dtype,
+        dev,
+        generator,
+        spec,
+        bias,
+        options,
+        training=training,
+        input_grad=input_grad,
+        side=_side(features, guide),
+        weight=weight,
     )
-    return _prepare(call, generator, estimate=True)[1]
+    return _prepare(call, generator, weight, estimate=True)[1]
 
 
 _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``generator`` makes from its patch.
@@ -210,6 +265,24 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
         path: ``"auto"`` (the fast path where the generator ends in ``nn.Linear``, see
             ``docs/fast-path.md``), ``"fast"`` (raise if it does not qualify) or ``"generic"``.
             Default: ``"auto"``.
+        kernel: what the generator returns per location: ``"full"`` (a whole weight),
+            ``"modulated"`` (per-tap scalars ``(*kernel_size)`` or ``(C_in, *kernel_size)``
+            scaling the static ``weight``) or ``"shared"`` (one kernel per channel group,
+            ``(kernel_groups, *kernel_size)``, applied depthwise; ``out_channels == C_in``).
+            See ``docs/generator-contract.md``. Default: ``"full"``.
+        weight: the static weight ``(out_channels, C_in // groups, *kernel_size)`` of
+            ``kernel="modulated"``. Default: ``None``.
+        kernel_groups: channel groups of ``kernel="shared"`` (consecutive channels share a
+            kernel). Default: ``None`` (1).
+        inputs: what the generator receives, positionally in this order: ``"patches"``,
+            ``"features"`` (rows of ``features``), ``"guide"`` (patches of ``guide``),
+            ``"positions"`` (each location's window centre in the input, in ``[-1, 1]`` as
+            ``grid_sample`` with ``align_corners=False``, in tensor dimension order).
+            Default: ``("patches",)``.
+        features: per-location features ``(N, F, *out)``, not convolved; gradients flow into
+            them. Default: ``None``.
+        guide: a guide ``(N, G, {dims})`` windowed like the input; gradients flow into it.
+            Default: ``None``.
 
     Returns:
         ``(N, out_channels, *out)`` (unbatched in, unbatched out), with torch's output size
@@ -218,7 +291,7 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
     Raises:
         ValueError, TypeError: bad arguments or input, before any work.
         BudgetTooSmallError: not even one patch per chunk fits ``budget``.
-        GeneratorOutputError: the generator's output is not one weight per patch.
+        GeneratorOutputError: the generator's output is not what ``kernel`` takes per location.
         BatchCoupledGeneratorError: the generator mixes patches (e.g. BatchNorm in training mode).
 """
 
@@ -240,13 +313,19 @@ def _functional(ndim: int | None, op: str):
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
         path: str = "auto",
+        kernel: str = "full",
+        weight: Tensor | None = None,
+        kernel_groups: int | None = None,
+        inputs: Sequence[str] = ("patches",),
+        features: Tensor | None = None,
+        guide: Tensor | None = None,
     ) -> Tensor:
         check_input_type(input, op)
         spec = conv_spec_for_input(
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
-        options = CallOptions(budget, chunk_size, allow_batch_coupled, path)
-        return apply_spec(input, generator, spec, bias, options, op=op)
+        options = CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs))
+        return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
 
     conv.__name__ = conv.__qualname__ = op
     dims = {1: "L", 2: "H, W", 3: "D, H, W", None: "*spatial"}[ndim]
@@ -281,13 +360,20 @@ def plan(
     chunk_size: int | None = None,
     allow_batch_coupled: bool = False,
     path: str = "auto",
+    kernel: str = "full",
+    weight: Tensor | None = None,
+    kernel_groups: int | None = None,
+    inputs: Sequence[str] = ("patches",),
+    features: Tensor | Sequence[int] | None = None,
+    guide: Tensor | Sequence[int] | None = None,
     training: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Plan:
     """What ``dynamic_conv`` would do on ``input`` and what it would cost, without running it.
 
-    Takes the arguments of ``dynamic_conv``; ``input`` may be a tensor or just its shape.
+    Takes the arguments of ``dynamic_conv``; ``input``, ``features`` and ``guide`` may be
+    tensors or just their shapes.
     The generator is run on a few small probe batches to measure its memory (cached).
 
     Args:
@@ -321,8 +407,11 @@ def plan(
         generator,
         spec,
         bias,
-        CallOptions(budget, chunk_size, allow_batch_coupled, path),
+        CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs)),
         training=training,
         dtype=dtype,
         device=device,
+        features=features,
+        guide=guide,
+        weight=weight,
     )

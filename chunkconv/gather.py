@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -29,7 +29,13 @@ __all__ = [
     "ChunkIndex",
     "PatchStream",
     "Stream",
+    "SOURCED_KINDS",
     "STREAM_KINDS",
+    "FeatureStream",
+    "GuideStream",
+    "PositionStream",
+    "guide_geometry",
+    "position_axes",
     "blockwise",
     "gather_patches",
     "make_streams",
@@ -211,13 +217,112 @@ class PatchStream:
         return torch.autograd.grad(self._padded, self._leaf, self._grad_pad)[0]
 
 
-# The kinds of stream a call can consume, by name (the order of a call's sources).
-STREAM_KINDS: dict[str, type[PatchStream]] = {"patches": PatchStream}
+class FeatureStream:
+    """Per-location features ``(N, F, *out_spatial)``: rows ``(B, F)``, one per output location.
+
+    Not convolved: the row of a location is that location's column of features. Gradients are
+    written row by row into an ``(N, *out_spatial, F)`` buffer.
+    """
+
+    def __init__(self, features: Tensor, geom: ConvGeometry, *, input_grad: bool = False) -> None:
+        self.requires_grad = input_grad
+        self.source = features.detach().movedim(1, -1)  # (N, *out, F), a view
+        self.width = features.shape[1]
+        self._grad = torch.zeros(self.source.shape, dtype=features.dtype, device=features.device) if input_grad else None
+
+    def gather(self, chunk: ChunkIndex) -> Tensor:
+        out = torch.empty(chunk.end - chunk.start, self.width, dtype=self.source.dtype, device=self.source.device)
+        blockwise(self.source, chunk.cells, out, "read")
+        return out.view(out.shape)  # a view, for the reason gather_patches gives
+
+    def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        assert self._grad is not None
+        blockwise(self._grad, chunk.cells, grad.to(self._grad.dtype), "write")  # each row once: write
+
+    def grad(self) -> Tensor | None:
+        return None if self._grad is None else self._grad.movedim(-1, 1)
+
+
+def guide_geometry(geom: ConvGeometry, channels: int) -> ConvGeometry:
+    """``geom`` for a guide of ``channels`` channels: windowed exactly like the input."""
+    return replace(geom, in_channels=channels, groups=1)
+
+
+class GuideStream(PatchStream):
+    """A guide ``(N, G, *in_spatial)``, windowed like the input: rows ``(B, G * prod(kernel_size))``."""
+
+    def __init__(self, guide: Tensor, geom: ConvGeometry, *, input_grad: bool = False) -> None:
+        super().__init__(guide, guide_geometry(geom, guide.shape[1]), input_grad=input_grad)
+
+
+def position_axes(geom: ConvGeometry) -> list[Tensor]:
+    """Per spatial dimension, each output index's window centre in the input, in [-1, 1].
+
+    As ``grid_sample`` with ``align_corners=False``: -1 and 1 are the outer edges of the input;
+    output index ``o`` has its window centre at input pixel ``o * stride - pad_left +
+    dilation * (k - 1) / 2``, whose centre lies at ``(2 * pixel + 1) / size - 1``.
+    """
+    axes = []
+    for d in range(geom.ndim):
+        o = torch.arange(geom.out_spatial[d], dtype=torch.float64)
+        centre = o * geom.stride[d] - geom.pads[d][0] + geom.dilation[d] * (geom.kernel_size[d] - 1) / 2
+        axes.append((2 * centre + 1) / geom.in_spatial[d] - 1)
+    return axes
+
+
+class PositionStream:
+    """Each output location's coordinates: rows ``(B, ndim)`` (see :func:`position_axes`). No source, no gradient."""
+
+    requires_grad = False
+
+    def __init__(self, geom: ConvGeometry, dtype: torch.dtype, device: torch.device) -> None:
+        full = (geom.batch, *geom.out_spatial)
+        self.axes = []
+        for d, axis in enumerate(position_axes(geom)):
+            shape = [1] * (geom.ndim + 1)
+            shape[d + 1] = -1
+            self.axes.append(axis.to(device=device, dtype=dtype).view(shape).expand(full))
+        self.dtype, self.device = dtype, device
+
+    def gather(self, chunk: ChunkIndex) -> Tensor:
+        out = torch.empty(len(self.axes), chunk.end - chunk.start, dtype=self.dtype, device=self.device)
+        for d, axis in enumerate(self.axes):
+            blockwise(axis, chunk.cells, out[d], "read")
+        return out.t().contiguous()
+
+    def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        raise AssertionError("positions take no gradient")
+
+    def grad(self) -> Tensor | None:
+        return None
+
+
+# The kinds of stream a call can consume; all but "positions" read a tensor (the call's sources).
+STREAM_KINDS = ("patches", "features", "guide", "positions")
+SOURCED_KINDS = ("patches", "features", "guide")
+_SOURCED: dict[str, type[PatchStream] | type[FeatureStream]] = {
+    "patches": PatchStream,
+    "features": FeatureStream,
+    "guide": GuideStream,
+}
 
 
 def make_streams(
-    kinds: Sequence[str], sources: Sequence[Tensor], geom: ConvGeometry, grads: Sequence[bool] | None = None
+    kinds: Sequence[str],
+    sources: Sequence[Tensor],
+    geom: ConvGeometry,
+    grads: Sequence[bool] | None = None,
 ) -> list[Stream]:
-    """One stream per source tensor; ``grads`` (backward) says which must collect a gradient."""
-    wants = grads if grads is not None else [False] * len(sources)
-    return [STREAM_KINDS[k](t, geom, input_grad=g) for k, t, g in zip(kinds, sources, wants)]
+    """One stream per kind; the sourced kinds take ``sources`` in order (``grads``: which want a gradient).
+
+    Positions take the dtype and device of the first source (the input).
+    """
+    wants = iter(grads if grads is not None else [False] * len(sources))
+    tensors = iter(sources)
+    streams: list[Stream] = []
+    for kind in kinds:
+        if kind == "positions":
+            streams.append(PositionStream(geom, sources[0].dtype, sources[0].device))
+        else:
+            streams.append(_SOURCED[kind](next(tensors), geom, input_grad=next(wants)))
+    return streams

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 from .binding import buffer_copies
 from .errors import GeneratorOutputError
 from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
-from .gather import PatchStream
+from .gather import ChunkIndex, make_streams
 from .geometry import ConvGeometry, conv_geometry
 from .memory import MemoryTracker
 from .replay import forked_rng
@@ -176,11 +176,12 @@ def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
     return tuple(r for i, r in enumerate(sizes) if i < 2 or r <= num_patches)
 
 
-def _stand_ins(generator: object) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Detached parameters and cloned buffers, so probing changes nothing the user owns."""
-    if not isinstance(generator, nn.Module):
-        return [], {}
-    params = [p.detach().requires_grad_(p.requires_grad) for p in generator.parameters()]
+def _stand_ins(step: ChunkStep) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Detached parameters (the generator's, then the step's own) and cloned buffers: probing
+    changes nothing the user owns."""
+    generator = step.generator
+    own = list(generator.parameters()) if isinstance(generator, nn.Module) else []
+    params = [p.detach().requires_grad_(p.requires_grad) for p in (*own, *step.extras)]
     return params, buffer_copies(generator)
 
 
@@ -195,14 +196,21 @@ def measure_step_cost(
     input_grad: bool,
     sizes: Sequence[int],
     limit: int | None = None,
+    streams: Sequence[str] = ("patches",),
+    channels: Sequence[int] | None = None,
+    source_grads: Sequence[bool] | None = None,
 ) -> ChunkCost:
     """Run one real chunk step of ``step`` on probe batches of ``sizes`` patches; bytes at each.
 
-    After the first two, a probe whose predicted cost exceeds ``limit`` bytes is skipped, so that
-    probing never allocates much more than the budget it plans for. Forward hooks on the
-    generator do see the probe calls.
+    ``streams`` are the kinds of per-location input the step reads (the patches first),
+    ``channels`` the sourced ones' channel counts and ``source_grads`` which of them need a
+    gradient (default: the input's, ``input_grad``). After the first two, a probe whose predicted
+    cost exceeds ``limit`` bytes is skipped, so that probing never allocates much more than the
+    budget it plans for. Forward hooks on the generator do see the probe calls.
     """
-    params, buffers = _stand_ins(step.generator)
+    channels = tuple(channels) if channels is not None else (geom.in_channels,)
+    grads = tuple(source_grads) if source_grads is not None else (input_grad,)
+    params, buffers = _stand_ins(step)
 
     def bound() -> BoundStep:  # bound inside each measurement: binding may lay parameters out anew
         return step.bind(params, buffers) if params or buffers else step.bind(None)
@@ -218,11 +226,11 @@ def measure_step_cost(
                 if _PROBE_HEADROOM * largest * rows / last_rows > limit:
                     break
             probe = probe_geometry(geom, rows)
-            x = torch.randn((1, geom.in_channels, *probe.in_spatial), dtype=dtype, device=device)
+            sources = _probe_sources(streams, channels, probe, dtype, device)
             out_bytes = rows * geom.out_channels * out_dtype.itemsize
 
-            def run_forward(x: Tensor = x, probe: ConvGeometry = probe, rows: int = rows) -> object:
-                return forward_chunks([PatchStream(x, probe)], bound(), probe, rows, out_dtype, device)
+            def run_forward(sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows) -> object:
+                return forward_chunks(make_streams(streams, sources, probe), bound(), probe, rows, out_dtype, device)
 
             with torch.no_grad():
                 peak, method = _measure(device, run_forward)
@@ -231,14 +239,15 @@ def measure_step_cost(
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
 
                 def run_backward(
-                    x: Tensor = x, probe: ConvGeometry = probe, rows: int = rows, grad_y: Tensor = grad_y
+                    sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows, grad_y: Tensor = grad_y
                 ) -> object:
-                    streams = [PatchStream(x, probe, input_grad=input_grad)]
-                    return backward_chunks(streams, bound(), probe, [(0, rows)], grad_y)
+                    chunked = make_streams(streams, sources, probe, grads)
+                    return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
 
                 with torch.enable_grad():
                     peak, _ = _measure(device, run_backward)
-                grad_buffer = x.numel() * dtype.itemsize if input_grad else 0
+                # the gradient buffers are counted by the plan's fixed costs
+                grad_buffer = sum(t.numel() * dtype.itemsize for t, g in zip(sources, grads) if g)
                 backward_points.append((rows, max(0, peak - grad_buffer)))
     return ChunkCost(
         forward=StepCost(tuple(forward_points)),
@@ -248,20 +257,41 @@ def measure_step_cost(
     )
 
 
-def uses_untracked_grads(step: ChunkStep, geom: ConvGeometry, dtype: torch.dtype, device: torch.device) -> bool:
+def _probe_sources(
+    streams: Sequence[str], channels: Sequence[int], probe: ConvGeometry, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """Random tensors for a probe's sourced streams: input and guide over the input, features over the output."""
+    kinds = [k for k in streams if k != "positions"]
+    return [
+        torch.randn((1, c, *(probe.out_spatial if k == "features" else probe.in_spatial)), dtype=dtype, device=device)
+        for k, c in zip(kinds, channels)
+    ]
+
+
+def uses_untracked_grads(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    device: torch.device,
+    streams: Sequence[str] = ("patches",),
+    channels: Sequence[int] | None = None,
+) -> bool:
     """Whether the step's output needs a gradient although neither its rows nor its parameters do.
 
     Then the generator uses tensors chunkconv cannot see (a module's parameters that a plain
     function closes over, say): forward runs without a graph, so they would silently get no
     gradient. Runs the step once on two random rows, with the parameters detached.
     """
-    params, buffers = _stand_ins(step.generator)
+    params, buffers = _stand_ins(step)
     detached = [p.detach() for p in params]
     bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
+    probe = probe_geometry(geom, 2)
+    sources = _probe_sources(streams, channels or (geom.in_channels,), probe, dtype, device)
+    chunk = ChunkIndex.build(0, 2, probe)
     with forked_rng(device), torch.enable_grad():
-        rows = torch.randn(2, geom.patch_size, dtype=dtype, device=device)
+        rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe))
         try:
-            return bool(bound((rows,)).requires_grad)
+            return bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
             return False
 
@@ -346,19 +376,21 @@ class ProbedCosts:
         out_dtype: torch.dtype,
         device: torch.device,
         training: bool,
-        input_grad: bool,
         cache: dict[tuple, Any],
         key: tuple,
         step_key: tuple,
+        streams: tuple[str, ...] = ("patches",),
+        channels: tuple[int, ...] = (),
+        source_grads: tuple[bool, ...] = (False,),
     ) -> None:
         self.step, self.geom, self.cache = step, geom, cache
         self.dtype, self.out_dtype, self.device = dtype, out_dtype, device
-        self.training, self.input_grad = training, input_grad
+        self.training, self.source_grads = training, source_grads
+        self.streams, self.channels = streams, channels or (geom.in_channels,)
         self.sizes = probe_sizes(device, geom.num_patches)
-        self._key = ("cost", key, step_key, self.sizes, training, input_grad)
-        self._reference_key = ("cost", key, "generic", self.sizes, training, input_grad)
-        # forward is measured alike (without grad) in every mode: inference reuses a training measurement
-        self._training_keys = [("cost", key, step_key, self.sizes, True, g) for g in (True, False)]
+        self._key = ("cost", key, step_key, self.sizes, training, source_grads)
+        self._reference_key = ("cost", key, "generic", self.sizes, training, source_grads)
+        self._forward_key = ("cost", key, step_key, self.sizes)  # forward is measured alike in every mode
 
     def _probe(self, step: ChunkStep, sizes: Sequence[int], limit: int | None) -> ChunkCost:
         return measure_step_cost(
@@ -368,15 +400,18 @@ class ProbedCosts:
             out_dtype=self.out_dtype,
             device=self.device,
             training=self.training,
-            input_grad=self.input_grad,
+            input_grad=self.source_grads[0],
             sizes=sizes,
             limit=limit,
+            streams=self.streams,
+            channels=self.channels,
+            source_grads=self.source_grads,
         )
 
     def _measured(self, step: ChunkStep, key: tuple, limit: int | None) -> ChunkCost:
         found = self.cache.get(key)
-        if found is None and not self.training and key == self._key:
-            trained = next((self.cache[k] for k in self._training_keys if k in self.cache), None)
+        if found is None and not self.training and key == self._key:  # inference: a training measurement's forward
+            trained = next((v for k, v in self.cache.items() if k[:4] == self._forward_key and k[4]), None)
             if trained is not None:
                 found = ChunkCost(trained.forward, None, trained.method, trained.measured_at)
         if found is None:
@@ -403,4 +438,5 @@ class ProbedCosts:
             return None
         generator = self.step.generator
         names = tuple(n for n, _ in generator.named_parameters()) if isinstance(generator, nn.Module) else ()
-        return self._measured(GeneratorStep(generator, names, self.geom), self._reference_key, limit)
+        source = getattr(self.step, "source", 0)  # the fast path's generator input
+        return self._measured(GeneratorStep(generator, names, self.geom, inputs=(source,)), self._reference_key, limit)

@@ -27,6 +27,24 @@ entry, which ``with`` guarantees. On CUDA the inner tracker's reset is folded in
 trackers' maxima first; on the CPU the profiler session is stopped, its events are replayed into
 every active tracker, and a new session starts, so each tracker sees exactly its own block.
 
+Threads: the trackers of one device are active in one thread at a time (the CPU's profiler has
+one session per process: two at once crash it; CUDA's peak counter is one per device). A thread
+entering a tracker while another thread has one active on the device *waits* until that
+thread's last one exits; nesting in one thread never waits. So several threads can plan and
+measure at once: they take turns, each measuring exactly its own block. The wait is unbounded
+unless ``timeout`` says otherwise, and it deadlocks where the thread holding the trackers waits
+for the waiting one (a tracker around a block that joins worker threads which measure, or plan
+convolutions): pass ``timeout`` there and handle ``TimeoutError``. Trackers of two devices
+entered in opposite orders by two threads can deadlock the same way.
+
+Interrupts: every start, pause, resume and stop is exception-safe, ``KeyboardInterrupt``
+included: whatever is interrupted, the profiler is stopped, stderr and c10's log level are
+restored, and the next tracker works. A tracker whose measurement was cut short (its events were
+lost, or reached some trackers only) raises ``RuntimeError`` from ``peak`` and ``current``
+instead of reporting a wrong number; an exception raised by the block itself spoils nothing.
+Python delivers an interrupt between any two bytecodes, so a second interrupt inside the cleanup
+of the first can still leave the profiler on; the next tracker entered in that thread stops it.
+
 Overhead (CPU): under 1 ms to enter; each op inside the block runs a few microseconds slower (the
 profiler records it); exit costs roughly 10 us per allocation or free made in the block (the
 profiler's post-processing plus the replay in Python): 0.6 s after 10,000 tiny ops that made
@@ -41,11 +59,18 @@ Limits (CPU):
   kernels), memory outside the allocator (``torch.from_numpy``, oneDNN's own scratchpads,
   Python objects), and allocator overhead (malloc headers, page rounding); use process RSS for
   those.
-* It uses the profiler, so no other ``torch.profiler`` session may run while a tracker is active:
-  entering under one raises ``RuntimeError``, and so does exiting a tracker whose block ran one
-  (the numbers would be incomplete). CPU trackers may be active in one thread at a time.
-* The first free of a pre-existing block inside a tracker makes c10 print a one-time "Memory
-  block of unknown size was allocated before the profiling started" warning; it is harmless.
+* It uses the profiler, so no other ``torch.profiler`` session may run while a tracker is active
+  (in any thread): entering under one raises ``RuntimeError``, and so does exiting a tracker
+  whose block ran one (the numbers would be incomplete).
+* Freeing, inside a tracker, a block allocated before the profiling started makes c10's CPU
+  allocator log "Memory block of unknown size was allocated before the profiling started" (once
+  per 1000 such frees; a garbage collection inside a planning probe does it). While CPU trackers
+  are active, c10's log level (``TORCH_CPP_LOG_LEVEL``) is raised to errors so that users never
+  see it, and restored when the last one exits: other c10 warnings (not Python warnings) from any
+  thread are hidden meanwhile too. The level is found in torch's own ``lib/libc10`` (as in PyPI's
+  wheels); where it is not, the harmless line may still appear.
+* File descriptor 2 is pointed at ``/dev/null`` for the moment the profiler starts or stops (it
+  prints a line each time), so other threads' stderr output in that moment is lost.
 * It relies on the profiler's ``experimental_event_tree`` API (present in PyTorch 2.x); the
   tests in ``tests/test_memory.py`` pin the numbers it must produce.
 """
@@ -53,6 +78,9 @@ Limits (CPU):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import math
 import os
 import sys
 import threading
@@ -73,15 +101,27 @@ __all__ = ["MemoryTracker"]
 class MemoryTracker:
     """Context manager measuring the peak memory a block of torch code allocates on one device.
 
+    Trackers of one device are active in one thread at a time: a tracker entered while another
+    thread has one active waits until that thread's last tracker of the device exits (nesting in
+    one thread never waits). So several threads may plan at once; they take turns measuring.
+
     Args:
         device: The CPU or a CUDA device to watch. Default: ``None`` (torch's default device,
             normally the CPU).
+        timeout: The most seconds to wait for another thread's trackers of the device to exit;
+            ``None`` waits as long as it takes. Set one where the other thread might be waiting
+            for this one (a thread measuring a block that joins worker threads which measure):
+            without it, both wait forever. Default: ``None``.
 
     Attributes:
         device: The watched device (a bare ``"cuda"`` resolved to the current CUDA device).
 
     Raises:
-        ValueError: If ``device`` is neither a CPU nor an available CUDA device.
+        ValueError: If ``device`` is neither a CPU nor an available CUDA device, or ``timeout``
+            is negative.
+        TypeError: If ``timeout`` is not a number.
+        TimeoutError: On entering, if another thread kept its trackers active for ``timeout``
+            seconds.
 
     Examples:
         >>> with MemoryTracker("cpu") as t:
@@ -92,22 +132,30 @@ class MemoryTracker:
 
     """
 
-    def __init__(self, device: torch.device | str | int | None = None) -> None:
+    def __init__(self, device: torch.device | str | int | None = None, *, timeout: float | None = None) -> None:
         self.device = _resolve_device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"Invalid value for `device`; MemoryTracker watches 'cpu' and 'cuda' devices only, got {device=}."
             )
+        self._timeout = _check_timeout(timeout)
         self._active = False
         self._peak: int | None = None
         self._current: int | None = None
+        self._error: str | None = None
 
     def __enter__(self) -> MemoryTracker:
         if self._active:
             raise RuntimeError("This MemoryTracker is already active; nest a new MemoryTracker instead.")
-        self._peak = self._current = None
-        _backend(self.device).enter(self)
-        self._active = True
+        self._peak = self._current = self._error = None
+        backend = _backend(self.device)
+        try:
+            backend.enter(self, self._timeout)
+            self._active = True
+        except BaseException:  # an interrupt just after entering: `with` will not call __exit__
+            backend.abandon(self)
+            self._active = False
+            raise
         return self
 
     def __exit__(
@@ -116,8 +164,15 @@ class MemoryTracker:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._error = "its measurement was cut short"  # until the backend returns the numbers
         try:
             self._peak, self._current = _backend(self.device).exit(self)
+            self._error = None
+        except _Incomplete as error:
+            self._error = str(error)
+            if exc is None:
+                raise
+            # The block's own exception goes on; ``peak`` and ``current`` say why they are unknown.
         finally:
             self._active = False
 
@@ -133,6 +188,8 @@ class MemoryTracker:
 
     def _result(self, value: int | None, name: str) -> int:
         if value is None:
+            if self._error is not None and not self._active:
+                raise RuntimeError(f"MemoryTracker.{name} is unknown: {self._error}")
             state = "is still running" if self._active else "has not run yet"
             raise RuntimeError(f"MemoryTracker.{name} is known once its `with` block has exited; the block {state}.")
         return value
@@ -146,59 +203,132 @@ class MemoryTracker:
         )
 
 
+def _check_timeout(timeout: object) -> float | None:
+    expected = "expected None or a number of seconds >= 0"
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"Invalid value for `timeout`; {expected}, got {timeout=}.")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"Invalid value for `timeout`; {expected}, got {timeout=}.")
+    return None if math.isinf(timeout) else float(timeout)
+
+
+class _Incomplete(RuntimeError):
+    """A tracker's measurement missed part of its block; raised instead of returning a wrong number."""
+
+
 _S = TypeVar("_S")
 
 
 class _Backend(Generic[_S]):
-    """A stack of active trackers on one device, owned by one thread at a time.
+    """The stack of active trackers on one device, owned by one thread at a time.
 
-    Subclasses say how to pause measuring (folding what was measured into every active tracker),
-    how to resume it, and how to begin and finish one tracker.
+    A thread that enters a tracker while another thread owns the stack waits until the stack is
+    empty and its owner has released it. Every transition (first entry, nested entry, exit) leaves
+    the stack, the owner and the measuring machinery consistent on every path, exceptions and
+    interrupts (``KeyboardInterrupt``) included: a tracker whose measurement was cut short is
+    marked incomplete and raises instead of reporting a number.
+
+    Subclasses say how to start measuring for the first tracker (``_open``) and stop after the last
+    (``_close``), how to pause measuring (folding what was measured into every active tracker) and
+    resume it, and how to begin and finish one tracker.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
         self._stack: list[tuple[MemoryTracker, _S]] = []
         self._owner: int | None = None
 
-    def enter(self, tracker: MemoryTracker) -> None:
-        with self._lock:
-            if self._stack:
-                if self._owner != threading.get_ident():
-                    raise RuntimeError(
-                        f"A MemoryTracker on {self.device} is already active in another thread; "
-                        "trackers of one device can only be active in one thread at a time."
-                    )
-                self._pause()
-            else:
-                self._preflight()
-                self._owner = threading.get_ident()
-            self._stack.append((tracker, self._begin()))
+    def enter(self, tracker: MemoryTracker, timeout: float | None) -> None:
+        me = threading.get_ident()
+        with self._turn:
+            if self._owner != me and not self._turn.wait_for(lambda: self._owner is None, timeout):
+                raise TimeoutError(
+                    f"Timed out after {timeout:g} s waiting for the MemoryTracker on {self.device} of another "
+                    "thread; trackers of one device take turns between threads. Pass a longer `timeout` "
+                    "(or None), or measure outside that thread's block."
+                )
+            if not self._stack:
+                self._owner = me
+                try:
+                    self._open()
+                    self._push(tracker)
+                    self._resume()
+                except BaseException:
+                    self._stack.clear()
+                    self._release()
+                    raise
+                return
             try:
+                self._pause()
+                self._push(tracker)
                 self._resume()
             except BaseException:
-                self._stack.pop()
-                if not self._stack:
-                    self._owner = None
+                self._drop(tracker)
+                self._resume_outer()
                 raise
 
     def exit(self, tracker: MemoryTracker) -> tuple[int, int]:
-        with self._lock:
+        with self._turn:
             if not self._stack or self._stack[-1][0] is not tracker or self._owner != threading.get_ident():
                 raise RuntimeError("MemoryTrackers must exit in the reverse order of entering, in the same thread.")
             try:
                 self._pause()
-            finally:  # leave a consistent stack (and a running profiler for outer trackers) even on error
+            finally:  # leave a consistent stack (and measuring running for outer trackers) on every path
                 _, state = self._stack.pop()
                 if self._stack:
-                    self._resume()
+                    self._resume_outer()
                 else:
-                    self._owner = None
+                    self._release()
             return self._finish(state)
 
-    def _preflight(self) -> None:
-        """Check that measuring can start; called when the first tracker enters."""
+    def abandon(self, tracker: MemoryTracker) -> None:
+        """Undo ``enter`` if it got as far as pushing ``tracker`` (an interrupt right after it)."""
+        with self._turn:
+            if self._stack and self._stack[-1][0] is tracker and self._owner == threading.get_ident():
+                try:
+                    self._pause()
+                finally:
+                    self._stack.pop()
+                    if self._stack:
+                        self._resume_outer()
+                    else:
+                        self._release()
+
+    def _push(self, tracker: MemoryTracker) -> None:
+        self._stack.append((tracker, self._begin()))
+
+    def _drop(self, tracker: MemoryTracker) -> None:
+        if self._stack and self._stack[-1][0] is tracker:
+            self._stack.pop()
+
+    def _resume_outer(self) -> None:
+        """Measure again for the trackers still on the stack; if that fails, mark them incomplete."""
+        try:
+            self._resume()
+        except BaseException:
+            self._break("measuring could not be resumed after a nested MemoryTracker started or stopped")
+            raise
+
+    def _release(self) -> None:
+        """The last tracker is gone: stop measuring and let other threads take their turn."""
+        try:
+            self._close()
+        finally:
+            self._owner = None
+            self._turn.notify_all()
+
+    def _break(self, reason: str) -> None:
+        for _, state in self._stack:
+            self._mark(state, reason)
+
+    def _open(self) -> None:
+        """Check that measuring can start and prepare for it; called when the first tracker enters."""
+
+    def _close(self) -> None:
+        """Undo ``_open`` and stop measuring; called when the last tracker exits or entering failed."""
 
     def _pause(self) -> None:
         raise NotImplementedError
@@ -212,13 +342,16 @@ class _Backend(Generic[_S]):
     def _finish(self, state: _S) -> tuple[int, int]:
         raise NotImplementedError
 
+    def _mark(self, state: _S, reason: str) -> None:
+        """Record that ``state`` missed part of its block, so ``_finish`` raises ``_Incomplete``."""
+
 
 @dataclass
 class _CpuState:
     live: dict[int, int] = field(default_factory=dict)  # pointer -> bytes, for blocks allocated inside
     net: int = 0
     peak: int = 0
-    broken: bool = False  # someone else stopped the profiler during this tracker's block
+    broken: str | None = None  # why the measurement is incomplete (the profiler was stopped, an interrupt)
 
     def replay(self, events: list[tuple[int, int]]) -> None:
         live, net, peak = self.live, self.net, self.peak
@@ -236,25 +369,50 @@ _PROFILER_STOPPED = (
     "The profiler session of a CPU MemoryTracker was stopped inside its block (by a torch.profiler run "
     "there?), so its measurement is incomplete. Do not profile inside a MemoryTracker on the CPU."
 )
+_INTERRUPTED = "measuring was interrupted while it paused, and the allocations it had recorded were lost"
 
 
 class _CpuBackend(_Backend[_CpuState]):
-    """CPU: replay the allocation events PyTorch's profiler records in memory mode."""
+    """CPU: replay the allocation events PyTorch's profiler records in memory mode.
+
+    ``_on`` is set *before* the profiler is started and cleared only once it is known to be off,
+    so whatever interrupts a start or a stop, the cleanup (and, failing that, the next tracker of
+    the same thread) knows to check and stop it. The profiler session is thread-local, so only the
+    thread that started it (``_on_thread``) can stop it.
+    """
 
     _ACTIVITIES = {ProfilerActivity.CPU}
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
-        self._running = False
+        self._on = False
+        self._on_thread: int | None = None
+        self._saved_log_level: int | None = None
 
-    def _preflight(self) -> None:
+    def _open(self) -> None:
+        if self._on:  # a cleanup cut short by a second interrupt left the profiler (possibly) running
+            if self._on_thread != threading.get_ident():
+                raise RuntimeError(
+                    "Cannot start a CPU MemoryTracker: an interrupted MemoryTracker in another thread may have "
+                    "left its profiler session running; the next tracker entered in that thread stops it."
+                )
+            self._switch_off()
         if torch.autograd._profiler_enabled():
             raise RuntimeError(
                 "Cannot start a CPU MemoryTracker while a torch profiler is running: the tracker "
                 "measures with the profiler. Stop the profiler or measure outside it."
             )
+        self._silence_c10_warnings()
+
+    def _close(self) -> None:
+        try:
+            self._switch_off()
+        finally:
+            self._restore_c10_warnings()
 
     def _resume(self) -> None:
+        if self._on and torch.autograd._profiler_enabled():  # still on: a pause was cut short before stopping it
+            return
         config = ProfilerConfig(
             state=ProfilerState.KINETO,
             report_input_shapes=False,
@@ -264,50 +422,119 @@ class _CpuBackend(_Backend[_CpuState]):
             with_modules=False,
             experimental_config=_ExperimentalConfig(),
         )
+        self._on, self._on_thread = True, threading.get_ident()
         # torch.autograd.profiler.profile does the same two calls; enabling without preparing crashes.
         with _quiet_stderr():
             torch.autograd._prepare_profiler(config, self._ACTIVITIES)
             torch.autograd._enable_profiler(config, self._ACTIVITIES)
-        self._running = True
 
     def _pause(self) -> None:
-        if not self._running:
+        if not self._on:  # not measuring (a resume failed before starting the profiler)
             return
-        self._running = False
         if not torch.autograd._profiler_enabled():  # a torch.profiler inside the block took over and stopped
+            self._on = False
+            self._break(_PROFILER_STOPPED)  # their _finish raises; a tracker nested now measures as usual
+            return
+        replayed = False
+        try:
+            with _quiet_stderr():
+                result = torch.autograd._disable_profiler()
+            self._on = False
+            events = _cpu_allocations(result)
             for _, state in self._stack:
-                state.broken = True
-            raise RuntimeError(_PROFILER_STOPPED)
-        with _quiet_stderr():
-            result = torch.autograd._disable_profiler()
-        events = _cpu_allocations(result)
-        for _, state in self._stack:
-            state.replay(events)
+                state.replay(events)
+            replayed = True
+        finally:
+            if not replayed:  # the session's events may be lost, or replayed into some trackers only
+                self._break(_INTERRUPTED)
+
+    def _switch_off(self) -> None:
+        """Stop the profiler if this backend may have started it (its events are dropped).
+
+        Tried twice, so that one interrupt (or error) in the middle of it still leaves it off.
+        """
+        if self._on_thread != threading.get_ident():
+            return  # nothing this thread started; another thread's session is out of reach
+        first: BaseException | None = None
+        for _ in range(2):
+            try:
+                if self._on and torch.autograd._profiler_enabled():
+                    with _quiet_stderr():
+                        torch.autograd._disable_profiler()
+                self._on = False
+                break
+            except BaseException as error:  # noqa: B036 - retried once, then re-raised below
+                first = first or error
+        if first is not None:
+            raise first
+
+    def _silence_c10_warnings(self) -> None:
+        """Raise c10's log level to errors while trackers run (see the module docstring)."""
+        level = _c10_log_level()
+        if level is None or self._saved_log_level is not None:  # unavailable, or already raised
+            return
+        self._saved_log_level = level.value
+        level.value = max(level.value, _C10_ERROR)
+
+    def _restore_c10_warnings(self) -> None:
+        level = _c10_log_level()
+        if level is not None and self._saved_log_level is not None:
+            level.value = self._saved_log_level
+            self._saved_log_level = None
 
     def _begin(self) -> _CpuState:
         return _CpuState()
 
     def _finish(self, state: _CpuState) -> tuple[int, int]:
-        if state.broken:
-            raise RuntimeError(_PROFILER_STOPPED)
+        if state.broken is not None:
+            raise _Incomplete(state.broken)
         return state.peak, state.net
+
+    def _mark(self, state: _CpuState, reason: str) -> None:
+        state.broken = state.broken or reason
+
+
+# c10's log severities are 0 info, 1 warning, 2 error, 3 fatal; it prints those >= its level.
+_C10_ERROR = 2
+
+
+@functools.cache
+def _c10_log_level() -> ctypes.c_int | None:
+    """c10's minimum log level, or ``None`` where this torch build does not export it.
+
+    It is ``FLAGS_caffe2_log_level``, the flag ``TORCH_CPP_LOG_LEVEL`` sets at start-up.
+    """
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libc10.so", "libc10.dylib", "c10.dll"):
+        path = os.path.join(lib, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.c_int.in_dll(ctypes.CDLL(path), "FLAGS_caffe2_log_level")
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2 briefly: the profiler's C++ side prints a line at every start and stop."""
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no usable stderr: nothing to silence
         yield
         return
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
     finally:
-        os.dup2(saved, 2)
+        os.dup2(saved, 2)  # first: whatever interrupts this block, stderr comes back
         os.close(saved)
 
 
@@ -330,15 +557,22 @@ def _cpu_allocations(result: _ProfilerResult) -> list[tuple[int, int]]:
 class _CudaState:
     base: int
     peak: int
+    broken: str | None = None
 
 
 class _CudaBackend(_Backend[_CudaState]):
     """CUDA: the caching allocator's counters, relative to the allocation at entry."""
 
     def _pause(self) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device)
-        for _, state in self._stack:
-            state.peak = max(state.peak, peak)
+        folded = False
+        try:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            for _, state in self._stack:
+                state.peak = max(state.peak, peak)
+            folded = True
+        finally:
+            if not folded:  # some trackers may lack the peak that the next reset erases
+                self._break(_INTERRUPTED)
 
     def _resume(self) -> None:
         pass
@@ -349,7 +583,12 @@ class _CudaBackend(_Backend[_CudaState]):
         return _CudaState(base=base, peak=base)
 
     def _finish(self, state: _CudaState) -> tuple[int, int]:
+        if state.broken is not None:
+            raise _Incomplete(state.broken)
         return state.peak - state.base, torch.cuda.memory_allocated(self.device) - state.base
+
+    def _mark(self, state: _CudaState, reason: str) -> None:
+        state.broken = state.broken or reason
 
 
 _BACKENDS: dict[torch.device, _CpuBackend | _CudaBackend] = {}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .call import Budget, CallOptions
 from .checks import check_generator_callable
+from .forms import check_form
 from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
 from .planner import Plan
@@ -55,6 +56,21 @@ class DynamicConv(nn.Module):
             ``nn.Sequential`` ending in one, the generic path otherwise; ``"fast"``
             insists (``ValueError`` if the generator does not qualify); ``"generic"``
             always forms the weights. Default: ``"auto"``.
+        kernel: what the generator returns per location: ``"full"`` (a weight
+            ``(out, in // groups, *kernel_size)``), ``"modulated"`` (per-tap scalars
+            ``(*kernel_size)`` or ``(in, *kernel_size)`` scaling the layer's static
+            ``weight``, initialised as ``nn.Conv*d``'s) or ``"shared"`` (one kernel per
+            channel group, ``(kernel_groups, *kernel_size)``, applied depthwise; needs
+            ``out_channels == in_channels`` and ``groups=1``). Default: ``"full"``.
+        kernel_groups: channel groups of ``kernel="shared"``: channel ``c`` uses the kernel
+            of group ``c // (in_channels // kernel_groups)``. Default: ``None`` (1).
+        inputs: what the generator receives, positionally in this order: ``"patches"``,
+            ``"features"`` (rows ``(B, F)`` of ``features=`` passed to the call, shaped
+            ``(N, F, *out)``), ``"guide"`` (patches ``(B, G * prod(kernel_size))`` of
+            ``guide=``, shaped ``(N, G, *spatial)``, windowed like the input) and
+            ``"positions"`` (rows ``(B, ndim)``: each output location's window centre in the
+            input, in ``[-1, 1]`` as ``grid_sample`` with ``align_corners=False``, in tensor
+            dimension order). Default: ``("patches",)``.
 
     Shape:
         Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
@@ -92,6 +108,9 @@ class DynamicConv(nn.Module):
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
         path: str = "auto",
+        kernel: str = "full",
+        kernel_groups: int | None = None,
+        inputs: Sequence[str] = ("patches",),
     ) -> None:
         super().__init__()
         check_generator_callable(generator)
@@ -108,9 +127,19 @@ class DynamicConv(nn.Module):
         )
         self.generator = generator
         # checked now, not at the first forward; kept as attributes (they may change between calls)
-        options = CallOptions(budget, chunk_size, allow_batch_coupled, path)
+        options = CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs))
         self.budget, self.chunk_size = options.budget, options.chunk_size
         self.allow_batch_coupled, self.path = options.allow_batch_coupled, options.path
+        # the kernel form and what the generator receives are fixed at construction (they decide
+        # which parameters the layer owns)
+        s = self.spec
+        check_form(kernel, kernel_groups, s.in_channels, s.out_channels, s.groups)
+        self.kernel, self.kernel_groups, self.inputs = options.kernel, options.kernel_groups, options.inputs
+        if kernel == "modulated":  # the static weight the generator's scalars modulate, as nn.Conv*d's
+            shape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
+            self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
@@ -128,7 +157,9 @@ class DynamicConv(nn.Module):
     padding_mode = property(lambda self: self.spec.padding_mode)
 
     def reset_parameters(self) -> None:
-        """Initialise the bias as ``nn.Conv*d`` does; the generator keeps its own initialisation."""
+        """Initialise the static weight and the bias as ``nn.Conv*d`` does; the generator keeps its own."""
+        if self.weight is not None:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.spec.in_channels // self.spec.groups * math.prod(self.spec.kernel_size)
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
@@ -136,20 +167,41 @@ class DynamicConv(nn.Module):
 
     def _options(self) -> CallOptions:
         """The call options a forward and a plan share, from the attributes (checked when they change)."""
-        current = (self.budget, self.chunk_size, self.allow_batch_coupled, self.path)
+        current = (
+            self.budget,
+            self.chunk_size,
+            self.allow_batch_coupled,
+            self.path,
+            self.kernel,
+            self.kernel_groups,
+            self.inputs,
+        )
         cached = self.__dict__.get("_checked_options")
         if cached is None or cached[0] != current:
             cached = (current, CallOptions(*current))
             self.__dict__["_checked_options"] = cached
         return cached[1]
 
-    def forward(self, input: Tensor) -> Tensor:
-        return apply_spec(input, self.generator, self.spec, self.bias, self._options(), op=type(self).__name__)
+    def forward(self, input: Tensor, *, features: Tensor | None = None, guide: Tensor | None = None) -> Tensor:
+        """The convolution of ``input``; ``features`` and ``guide`` are the side inputs ``inputs`` names."""
+        return apply_spec(
+            input,
+            self.generator,
+            self.spec,
+            self.bias,
+            self._options(),
+            op=type(self).__name__,
+            features=features,
+            guide=guide,
+            weight=self.weight,
+        )
 
     def plan(
         self,
         input: Tensor | Sequence[int],
         *,
+        features: Tensor | Sequence[int] | None = None,
+        guide: Tensor | Sequence[int] | None = None,
         training: bool | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -157,6 +209,8 @@ class DynamicConv(nn.Module):
         """What ``self(input)`` would do and cost, without running it; ``input`` may be a shape.
 
         Args:
+            features: the side input of that name (a tensor or its shape), if ``inputs`` names it.
+            guide: the side input of that name (a tensor or its shape), if ``inputs`` names it.
             training: plan forward and backward (default: grad mode is on and something needs
                 a gradient; for a shape the input is assumed to need one).
             dtype: the input's dtype when ``input`` is a shape (default: the generator's parameters').
@@ -180,6 +234,9 @@ class DynamicConv(nn.Module):
             dtype=dtype,
             device=device,
             op=f"{type(self).__name__}.plan",
+            features=features,
+            guide=guide,
+            weight=self.weight,
         )
 
     def extra_repr(self) -> str:
@@ -206,6 +263,12 @@ class DynamicConv(nn.Module):
             parts.append("allow_batch_coupled=True")
         if self.path != "auto":
             parts.append(f"path={self.path!r}")
+        if self.kernel != "full":
+            parts.append(f"kernel={self.kernel!r}")
+        if self.kernel_groups is not None:
+            parts.append(f"kernel_groups={self.kernel_groups}")
+        if self.inputs != ("patches",):
+            parts.append(f"inputs={self.inputs!r}")
         if not isinstance(self.generator, nn.Module):  # a module generator prints as a child instead
             parts.append(f"generator={getattr(self.generator, '__qualname__', None) or type(self.generator).__name__}")
         return ", ".join(parts)

@@ -116,11 +116,26 @@ class Plan:
     unchunked_forward: int | None = None
     unchunked_training: int | None = None
     reason: str = ""
+    kernel: str = "full"
+    generated: int | None = None
+    inputs: tuple[str, ...] = ("patches",)
 
     @property
     def num_chunks(self) -> int:
         """The number of chunks, ``ceil(num_patches / chunk_size)`` (0 for an empty input)."""
         return math.ceil(self.geometry.num_patches / self.chunk_size) if self.geometry.num_patches else 0
+
+    def _kernel_text(self) -> str:
+        g = self.geometry
+        if self.kernel == "full":
+            made = f"weight {g.weight_numel:,} entries each"
+        elif self.kernel == "modulated":
+            made = f"{self.generated:,} scalars each, scaling a static weight of {g.weight_numel:,} entries"
+        else:
+            made = f"{self.generated:,}-entry depthwise kernels each ({self.kernel} form)"
+        if self.inputs != ("patches",):
+            made += f"; the generator receives {', '.join(self.inputs)}"
+        return made
 
     def __str__(self) -> str:
         g = self.geometry
@@ -131,7 +146,7 @@ class Plan:
             f"  input    ({g.batch}, {g.in_channels}, {', '.join(map(str, g.in_spatial))}) {str(self.dtype)[6:]}"
             f" on {self.device} -> output ({g.batch}, {g.out_channels}, {', '.join(map(str, g.out_spatial))})",
             f"  patches  {g.num_patches:,} (N={g.batch} x L={g.locations_per_image:,}), {g.patch_size} features,"
-            f" weight {g.weight_numel:,} entries each",
+            f" {self._kernel_text()}",
             f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})",
         ]
         if self.path is not None:
@@ -183,6 +198,8 @@ class PlanRequest:
         chunk_size: patches per chunk, overriding the budget.
         param_bytes: bytes of one running sum of the generator's parameter gradients.
         estimate: with ``chunk_size`` given, still measure to fill in the estimates.
+        sources: each sourced stream as ``(kind, channels, needs_grad)``: ``"patches"`` (the
+            input), ``"guide"``, ``"features"``; default: the input alone, with ``input_grad``.
 
     """
 
@@ -198,6 +215,14 @@ class PlanRequest:
     chunk_size: int | None = None
     param_bytes: int = 0
     estimate: bool = True
+    sources: tuple[tuple[str, int, bool], ...] = ()
+    kernel: str = "full"
+    generated: int | None = None
+    inputs: tuple[str, ...] = ("patches",)
+
+    def streamed(self) -> tuple[tuple[str, int, bool], ...]:
+        """The sourced streams (see ``sources``)."""
+        return self.sources or (("patches", self.geom.in_channels, self.input_grad),)
 
 
 class CostSource(Protocol):
@@ -214,19 +239,22 @@ def fixed_costs(request: PlanRequest) -> tuple[dict[str, int], dict[str, int]]:
     """The chunk-independent allocations of forward and of backward, by name."""
     geom, device = request.geom, request.device
     item, out_item = request.dtype.itemsize, request.out_dtype.itemsize
-    output = geom.num_patches * geom.out_channels * out_item
-    padded = geom.batch * geom.in_channels * math.prod(geom.padded_spatial) * item
-    unpadded = geom.batch * geom.in_channels * math.prod(geom.in_spatial) * item
-    pad_copy = padded if geom.is_padded else 0
-    input_grad = request.input_grad
-    forward = {"output": output, "padded input": pad_copy}
-    backward = {
-        "padded input": pad_copy,
-        "input gradient (padded)": padded if input_grad else 0,
-        "input gradient": unpadded if input_grad and geom.is_padded else 0,
-        "gradient accumulators": 2 * request.param_bytes,
-        "cuBLAS workspace of autograd's thread": CUDA_BACKWARD_WORKSPACE if device.type == "cuda" else 0,
-    }
+    forward = {"output": geom.num_patches * geom.out_channels * out_item}
+    backward: dict[str, int] = {}
+    for kind, channels, grad in request.streamed():
+        name = "input" if kind == "patches" else kind
+        if kind == "features":  # read in place; its gradient is one buffer of its size
+            backward[f"{name} gradient"] = geom.num_patches * channels * item if grad else 0
+            continue
+        padded = geom.batch * channels * math.prod(geom.padded_spatial) * item
+        unpadded = geom.batch * channels * math.prod(geom.in_spatial) * item
+        pad_copy = padded if geom.is_padded else 0
+        forward[f"padded {name}"] = pad_copy
+        backward[f"padded {name}"] = pad_copy
+        backward[f"{name} gradient (padded)"] = padded if grad else 0
+        backward[f"{name} gradient"] = unpadded if grad and geom.is_padded else 0
+    backward["gradient accumulators"] = 2 * request.param_bytes
+    backward["cuBLAS workspace of autograd's thread"] = CUDA_BACKWARD_WORKSPACE if device.type == "cuda" else 0
     return forward, backward
 
 
@@ -330,6 +358,9 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         request.device,
         path=request.path,
         budget_spec=request.budget_spec,
+        kernel=request.kernel,
+        generated=request.generated,
+        inputs=request.inputs,
     )
     if request.chunk_size is not None and not request.estimate:
         return replace(base, reason="chunk_size given")

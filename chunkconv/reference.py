@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .execute import broadcast_bias
-from .gather import pad_input
+from .gather import guide_geometry, pad_input, position_axes
 from .geometry import ConvGeometry, conv_spec_for_input
 
 __all__ = ["dynamic_conv_reference", "unfold_patches"]
@@ -40,7 +40,7 @@ def unfold_patches(x_pad: Tensor, geom: ConvGeometry) -> Tensor:
 
 def dynamic_conv_reference(
     input: Tensor,
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     *,
     out_channels: int,
     kernel_size: int | Sequence[int],
@@ -52,6 +52,12 @@ def dynamic_conv_reference(
     padding_mode: str = "zeros",
     method: Literal["forum", "einsum"] = "einsum",
     ndim: int | None = None,
+    kernel: str = "full",
+    weight: Tensor | None = None,
+    kernel_groups: int | None = None,
+    inputs: Sequence[str] = ("patches",),
+    features: Tensor | None = None,
+    guide: Tensor | None = None,
 ) -> Tensor:
     """Dynamic convolution with nothing chunked: every patch and every weight at once.
 
@@ -59,30 +65,61 @@ def dynamic_conv_reference(
         method: ``"forum"`` contracts as the forum post does (expand the
             patches, multiply by the weights, sum), materialising a product as
             large as the weights; ``"einsum"`` contracts with one batched
-            matmul, the best unchunked PyTorch recipe.
+            matmul, the best unchunked PyTorch recipe (full kernels only).
         ndim: spatial dims; by default ``len(kernel_size)``, 2 for an int.
 
-    The other arguments and the shapes are those of ``chunkconv.dynamic_conv``;
-    ``in_channels`` is read off the input.
+    The other arguments (``kernel``, ``weight``, ``kernel_groups``, ``inputs``, ``features``,
+    ``guide`` included) and the shapes are those of ``chunkconv.dynamic_conv``; ``in_channels``
+    is read off the input. Every kernel form is computed here from its definition, with the
+    side inputs and positions built for all locations at once.
 
     """
     spec = conv_spec_for_input(
         input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "the reference"
     )
     unbatched = input.dim() == spec.ndim + 1
-    x = input.unsqueeze(0) if unbatched else input
+    batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)
+    x = batch(input)
     geom = spec.geometry(x.shape)
     patches = unfold_patches(pad_input(x, geom), geom)  # (N*L, C*K)
     rows, groups_ = geom.num_patches, geom.groups
     per_group = geom.patch_size // groups_
-    weights = generator(patches).reshape(rows, groups_, geom.out_channels // groups_, per_group)
-    grouped = patches.reshape(rows, groups_, per_group)
-    if method == "forum":
-        out = (grouped.unsqueeze(2).expand_as(weights) * weights).sum(-1)
-    elif method == "einsum":
-        out = torch.einsum("rgop,rgp->rgo", weights, grouped)
+    given = {"patches": patches}
+    if features is not None:
+        given["features"] = batch(features).movedim(1, -1).reshape(rows, -1)
+    if guide is not None:
+        g = batch(guide)
+        guide_geom = guide_geometry(geom, g.shape[1])
+        given["guide"] = unfold_patches(pad_input(g, guide_geom), guide_geom)
+    if "positions" in inputs:
+        grids = torch.meshgrid(*position_axes(geom), indexing="ij")  # each (*out)
+        per_image = torch.stack([c.reshape(-1) for c in grids], dim=1).to(x.dtype).to(x.device)
+        given["positions"] = per_image.repeat(geom.batch, 1)
+    out_rows = generator(*(given[k] for k in inputs))
+    taps, c = geom.kernel_numel, geom.in_channels
+    if kernel == "full":
+        weights = out_rows.reshape(rows, groups_, geom.out_channels // groups_, per_group)
+        grouped = patches.reshape(rows, groups_, per_group)
+        if method == "forum":
+            out = (grouped.unsqueeze(2).expand_as(weights) * weights).sum(-1)
+        elif method == "einsum":
+            out = torch.einsum("rgop,rgp->rgo", weights, grouped)
+        else:
+            raise ValueError(f"Invalid value for `method`; expected 'forum' or 'einsum', got {method=}.")
+    elif kernel == "modulated":
+        assert weight is not None, "kernel='modulated' needs `weight`"
+        scale = out_rows.reshape(rows, -1, taps)  # (rows, 1 or C, K)
+        w = weight.reshape(groups_, geom.out_channels // groups_, c // groups_, taps)  # (G, Og, Cg, K)
+        s = scale.expand(rows, c, taps).reshape(rows, groups_, 1, c // groups_, taps)
+        per_location = w.unsqueeze(0) * s  # (rows, G, Og, Cg, K): every location's whole weight
+        grouped = patches.reshape(rows, groups_, 1, c // groups_, taps)
+        out = (per_location * grouped).sum(dim=(-2, -1))
+    elif kernel == "shared":
+        kg = kernel_groups or 1
+        kernels = out_rows.reshape(rows, kg, 1, taps)
+        out = (patches.reshape(rows, kg, c // kg, taps) * kernels).sum(-1)
     else:
-        raise ValueError(f"Invalid value for `method`; expected 'forum' or 'einsum', got {method=}.")
+        raise ValueError(f"Invalid value for `kernel`; expected 'full', 'modulated' or 'shared', got {kernel=}.")
     out = out.reshape(geom.batch, geom.locations_per_image, geom.out_channels).transpose(1, 2)
     y = out.reshape(geom.batch, geom.out_channels, *geom.out_spatial)
     if bias is not None:

@@ -1,13 +1,26 @@
 """chunkconv's main job: a dynamic convolution on an image too large for the forum recipe.
 
-The forum recipe (chunkconv.dynamic_conv_reference(method="forum")) materialises
-a weight for every patch at once. Here it runs in a child process whose address
-space is capped (at --recipe-limit-gb above what the child has mapped once torch
-is imported), and fails cleanly. chunkconv runs the same layer, forward and
-backward, with a memory budget (--budget, default 1GB): it first prints the plan
-it makes from the budget (the chunking, the peaks it expects, and what the
-unchunked computation would need), then streams the patches in chunks and prints
-the peak memory it measured, forward and backward, next to the budget.
+The forum recipe (chunkconv.dynamic_conv_reference(method="forum")) materialises a weight for
+every patch at once: for the default 1 x 16 x 1024 x 1024 image, ~20 GiB to train. That does not
+fit in a GPU's free memory, which is where this layer would normally run. The demo runs on the
+CPU, where your machine may well have that much RAM, so it stands the GPU in with a cap: the
+recipe runs in a child process whose address space may grow by at most --recipe-limit-gb (default
+6 GiB, the free memory of an 8 GB GPU once the CUDA context and a model are loaded) above what the
+child has mapped once torch is imported, and it fails cleanly for lack of memory. The output says
+how much RAM this machine has available, so you can tell whether the cap or the machine stops it.
+
+chunkconv runs the same layer, forward and backward, with a memory budget (--budget, default
+1GB): it first prints the plan it makes from the budget (the chunking, the peaks it expects, and
+what the unchunked computation would need), then streams the patches in chunks, printing its
+progress, and reports the memory it measured:
+
+* the allocator peaks (chunkconv.MemoryTracker): the most bytes PyTorch's allocator held at once
+  during forward, and during backward, above what it held when each began. The budget bounds
+  these. Also the peak over the whole step, which counts the output and the gradients kept
+  between the passes.
+* the process's peak resident memory (RSS, the operating system's figure) above its start: it
+  also counts memory outside PyTorch's allocator and freed blocks the C allocator keeps for
+  reuse; no budget bounds it.
 
     python examples/large_image.py               # 1 x 16 x 1024 x 1024: see below for how long
     python examples/large_image.py --size 256    # quicker
@@ -25,14 +38,21 @@ import multiprocessing as mp
 import re
 import resource
 import time
+import warnings
 
-import psutil
-import torch
-from torch import nn
+# torch warns "Failed to initialize NumPy: No module named 'numpy'" when it is imported without
+# NumPy installed (torch's wheels do not depend on it, and neither does chunkconv): harmless here,
+# this demo uses no NumPy. The filter must come before `import torch`; the recipe's child process
+# imports this module again, so it applies there too.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-import chunkconv
-from chunkconv.budget import format_bytes
-from chunkconv.memory import MemoryTracker
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import chunkconv  # noqa: E402
+from chunkconv.budget import format_bytes  # noqa: E402
+from chunkconv.memory import MemoryTracker  # noqa: E402
 
 
 def make_layer(channels: int, hidden: int, budget: str = "auto") -> tuple[nn.Module, chunkconv.DynamicConv]:
@@ -74,6 +94,37 @@ def _forum_recipe(size: int, channels: int, hidden: int, extra: int, queue) -> N
     queue.put(outcome)
 
 
+class Progress:
+    """Prints what the demo is doing and how long it has run, and how far each pass has got.
+
+    chunkconv has no progress callback yet; the demo counts the patches its generator's first
+    layer sees (a forward hook), which is how many the current pass has processed.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stage, self.total, self.done, self.next_mark = "", 0, 0, 0.25
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
+
+    def begin(self, stage: str, total: int) -> None:
+        self.stage, self.total, self.done, self.next_mark = stage, total, 0, 0.25
+        self.say(f"{stage}: started")
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self.stage:
+            return
+        self.done += inputs[0].shape[0]
+        while self.next_mark < 1 and self.done >= self.next_mark * self.total:
+            self.say(f"{self.stage}: {self.next_mark:.0%} of the {self.total:,} patches")
+            self.next_mark += 0.25
+
+    def end(self) -> None:
+        self.say(f"{self.stage}: done")
+        self.stage = ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
@@ -83,54 +134,105 @@ def main(argv: list[str] | None = None) -> None:
         "--budget", default="1GB", help='memory budget of the chunkconv layer: "1GB", "512MiB", bytes or "auto"'
     )
     parser.add_argument(
-        "--recipe-limit-gb", type=float, default=6.0, help="address space the recipe may map beyond torch's own"
+        "--recipe-limit-gb",
+        type=float,
+        default=6.0,
+        help="memory the recipe may take beyond torch's own, standing for a GPU's free memory (GiB)",
     )
     args = parser.parse_args(argv)
 
+    progress = Progress()
     size, channels = args.size, args.channels
     patches = size * size
     weights = patches * channels * channels * 9 * 4
-    print(f"Image 1 x {channels} x {size} x {size}: {patches:,} patches, "
-          f"each with its own {channels}x{channels}x3x3 kernel")
-    print(f"The forum recipe materialises every weight ({format_bytes(weights)}) and a product as large, "
-          "and autograd keeps both.")
+    print(
+        f"Image 1 x {channels} x {size} x {size}: {patches:,} patches, "
+        f"each with its own {channels}x{channels}x3x3 kernel"
+    )
+    progress.say(f"chunkconv: planning for budget={args.budget!r} (measures the generator on small probe batches)")
+    torch.manual_seed(0)
+    generator, layer = make_layer(channels, args.hidden, args.budget)
+    x = built_in_image(size, channels).requires_grad_()
+    # progress: count the patches the generator's first layer sees (hooked before planning: a plan is
+    # cached for the generator as it is, hooks included, and the call below reuses it)
+    first_layer = next(m for m in generator.modules() if isinstance(m, nn.Linear))
+    first_layer.register_forward_hook(progress.hook)
+    plan = layer.plan(x)  # runs nothing of this size
+    progress.say("chunkconv: planned (the plan is printed below)")
+    print(
+        f"The forum recipe materialises every weight ({format_bytes(weights)}) and a product as large, "
+        f"and autograd keeps both: about {format_bytes(plan.unchunked_training)} to train, by chunkconv's estimate."
+    )
+    cap = int(args.recipe_limit_gb * 2**30)
+    available = psutil.virtual_memory().available
+    machine = (
+        "so the cap, not this machine, is what stops it here"
+        if available >= plan.unchunked_training
+        else "and this machine could not hold it either"
+    )
+    print(
+        f"On a GPU it would have only the GPU's free memory. This machine has {format_bytes(available)} of RAM "
+        f"available, {machine}: the recipe runs in a child process capped at {format_bytes(cap)} beyond what "
+        f"torch itself maps, standing for a GPU with that much free memory (--recipe-limit-gb)."
+    )
 
     queue = mp.get_context("spawn").Queue()
-    child = mp.get_context("spawn").Process(
-        target=_forum_recipe, args=(size, channels, args.hidden, int(args.recipe_limit_gb * 2**30), queue)
-    )
+    child = mp.get_context("spawn").Process(target=_forum_recipe, args=(size, channels, args.hidden, cap, queue))
+    progress.say("forum recipe: starting its child process")
     start = time.perf_counter()
     child.start()
     child.join()
     outcome = queue.get() if not queue.empty() else f"killed (exit code {child.exitcode})"
-    print(f"forum recipe, capped at {args.recipe_limit_gb:g} GiB of extra address space: {outcome} "
-          f"after {time.perf_counter() - start:.1f} s")
+    progress.say(
+        f"forum recipe, capped at {args.recipe_limit_gb:g} GiB of extra address space: {outcome} "
+        f"after {time.perf_counter() - start:.1f} s"
+    )
 
-    torch.manual_seed(0)
-    _, layer = make_layer(channels, args.hidden, args.budget)
-    x = built_in_image(size, channels).requires_grad_()
     print(f"\nchunkconv.DynamicConv with budget={args.budget!r}:")
-    plan = layer.plan(x)  # measures the generator on two small probe batches; runs nothing of this size
     print(plan)
 
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
+    progress.begin(f"chunkconv forward, {plan.num_chunks} chunks", patches)
     with MemoryTracker("cpu") as forward:  # every allocation torch makes inside the block
         y = layer(x)
+    progress.end()
+    progress.begin("chunkconv backward (recomputes each chunk)", patches)
     with MemoryTracker("cpu") as backward:
         y.square().mean().backward()
+    progress.end()
     elapsed = time.perf_counter() - start
+    # the whole step's allocator peak: what forward still held at its end (the output, what autograd
+    # saved), plus backward's peak above that
+    step_peak = max(forward.peak, forward.current + backward.peak)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     within = "within" if max(forward.peak, backward.peak) <= plan.budget else "ABOVE"
     chunks = f"{plan.num_chunks} chunk{'s' if plan.num_chunks != 1 else ''} of {plan.chunk_size:,} patches"
-    print(f"chunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}, {chunks}")
-    print(f"measured peak allocated: forward {format_bytes(forward.peak)}, backward {format_bytes(backward.peak)}, "
-          f"{within} the budget of {format_bytes(plan.budget)} (input {format_bytes(x.numel() * x.element_size())})")
-    # Resident memory also counts what the budget does not: the output kept for backward, memory
-    # outside PyTorch's allocator, and freed blocks the C allocator has not returned to the system.
-    print(f"process peak resident memory above the start: ~{format_bytes(max(rss_peak, 0))}")
-    print(f"input gradient norm {x.grad.norm():.4f}; generator gradient norm "
-          f"{sum(p.grad.norm() ** 2 for p in layer.generator.parameters()) ** 0.5:.4f}")
+    print(f"\nchunkconv.DynamicConv forward+backward: {elapsed:.1f} s, output {tuple(y.shape)}, {chunks}")
+    print(
+        f"budget={args.budget!r} is {format_bytes(plan.budget)}. Memory measured "
+        f"(input {format_bytes(x.numel() * x.element_size())}, output as large):"
+    )
+    print(
+        f"  allocator peak, forward   {format_bytes(forward.peak):>11}  the most bytes PyTorch's allocator held at "
+        "once in forward, above what it held when forward began (chunkconv.MemoryTracker)"
+    )
+    print(f"  allocator peak, backward  {format_bytes(backward.peak):>11}  the same for backward")
+    print(f"  -> {within} the budget of {format_bytes(plan.budget)}: the budget bounds these two, each pass on its own")
+    print(
+        f"  allocator peak, whole step {format_bytes(step_peak):>10}  forward and backward together: also counts "
+        "the output and gradients kept from one pass to the next"
+    )
+    print(
+        f"  process resident memory  ~{format_bytes(max(rss_peak, 0)):>10}  the OS's peak figure for the whole "
+        "process above its start: also counts memory outside PyTorch's allocator and freed blocks the C "
+        "allocator keeps for reuse; no budget bounds it"
+    )
+    print(
+        f"input gradient norm {x.grad.norm():.4f}; generator gradient norm "
+        f"{sum(p.grad.norm() ** 2 for p in layer.generator.parameters()) ** 0.5:.4f}"
+    )
+
 
 if __name__ == "__main__":
     main()

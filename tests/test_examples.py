@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -68,6 +70,35 @@ def test_large_image_script():
     assert chunks and int(chunks[1]) > 1, out  # 6MB forces several chunks at this size
     assert "chunkconv.DynamicConv forward+backward" in out and "output (1, 16, 64, 64)" in out, out
     assert "within the budget of 5.72 MiB" in out, out  # measured forward and backward peaks
+    # the cap says what it stands for, and each memory figure what it counts
+    assert "standing for a GPU with that much free memory" in out and "of RAM available" in out, out
+    for figure in ("allocator peak, forward", "allocator peak, backward", "allocator peak, whole step",
+                   "process resident memory"):  # fmt: skip
+        assert f"  {figure} " in out, (figure, out)
+    assert "the budget bounds these two" in out and "no budget bounds it" in out, out
+    # progress while it works: stages with the elapsed time, and how far each pass has got
+    assert re.search(r"^\[ *[0-9.]+ s\] chunkconv forward, \d+ chunks: 50% of the 4,096 patches$", out, re.M), out
+    assert re.search(r"^\[ *[0-9.]+ s\] chunkconv backward \(recomputes each chunk\): done$", out, re.M), out
+
+
+def test_large_image_is_quiet_without_numpy(tmp_path):
+    # torch's wheels do not need NumPy, and torch warns "Failed to initialize NumPy" on import
+    # without it; the demo (and its child process) must not pass that on
+    (tmp_path / "numpy.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    torch_alone = subprocess.run(
+        [sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env, timeout=120
+    )
+    if "Failed to initialize NumPy" not in torch_alone.stderr:
+        pytest.skip("this torch does not warn without NumPy")
+    args = ["--size", "32", "--channels", "4", "--recipe-limit-gb", "0.01", "--budget", "2MB"]
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "large_image.py"), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NumPy" not in done.stderr and "NumPy" not in done.stdout, done.stderr
+    assert "forum recipe, capped at 0.01 GiB" in done.stdout, done.stdout
 
 
 def test_denoiser_learns_and_writes_pngs(tmp_path, capsys):

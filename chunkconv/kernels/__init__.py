@@ -3,7 +3,8 @@
 Importing this package imports no Triton. :func:`triton_unavailable` says, from the device and
 dtype alone, why the kernels cannot run (``None`` when they can); the fast path then falls back
 to its PyTorch contraction and logs the reason on CUDA (once per reason, on the ``chunkconv``
-logger). :func:`triton_contract` imports :mod:`.contract` (and Triton) on first use.
+logger). :func:`triton_contract` imports :mod:`.contract` (and Triton) on first use; if Triton
+fails at run time, it computes the chunk in PyTorch instead and warns once (:mod:`.fallback`).
 
 The kernels run on CUDA for float32 (TF32 when torch's flags allow it for CUDA matmuls: see
 :func:`tf32_allowed`), float16 and bfloat16. With ``TRITON_INTERPRET=1`` in the environment
@@ -83,12 +84,32 @@ def _reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def triton_contract(patches: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
-    """Contract one chunk with the fused kernels (differentiable); see :mod:`.contract`."""
-    from .contract import TritonContract
+    """Contract one chunk with the fused kernels (differentiable); see :mod:`.contract`.
+
+    If Triton fails at run time (import, compilation, launch, autotuning; forward or backward),
+    the chunk is computed in PyTorch instead, with the same result, and a ``RuntimeWarning`` says
+    why, once per reason; see :mod:`.fallback`.
+    """
+    from . import fallback
 
     kind = patches.device.type
     if torch.is_autocast_enabled(kind):  # a custom Function is not autocast: cast as matmul would
         dtype = torch.get_autocast_dtype(kind)
         patches, h, weight = patches.to(dtype), h.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return TritonContract.apply(patches, h, weight, bias, geom)
+    args = (patches, h, weight, bias, geom)
+
+    def pytorch() -> Tensor:
+        return fallback.torch_contract(*args)
+
+    contract_module = fallback.guarded("import", None, _import_contract, lambda: None)
+    if contract_module is None:
+        return pytorch()
+    key = fallback.config_key(*args)
+    return fallback.guarded("forward", key, lambda: contract_module.TritonContract.apply(*args), pytorch)
+
+
+def _import_contract():
+    from . import contract
+
+    return contract

@@ -23,7 +23,8 @@ The bias terms (``x . c`` and its gradients, ``O * Pg`` FLOPs per patch against 
 Tile sizes are autotuned on CUDA, keyed on ``Pg, H, Og``, dtypes, TF32 and the chunk length's power
 of two (:func:`rows_bucket`), timed by :func:`time_config` (no extra memory) and cached on disk by
 Triton; the interpreter runs one small config. Offsets are 32-bit: chunks longer than that allows
-are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`).
+are launched in blocks of rows (:data:`MAX_LAUNCH_ELEMENTS`). A kernel that fails to compile,
+launch or autotune falls back to PyTorch for its configuration (:mod:`.fallback`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import ConvGeometry
-from . import MAX_HIDDEN, interpreting, tf32_allowed
+from . import MAX_HIDDEN, fallback, interpreting, tf32_allowed
 
 __all__ = ["TritonContract", "contract_backward", "contract_forward"]
 
@@ -399,5 +400,11 @@ class TritonContract(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         x, h, weight, bias = ctx.saved_tensors
-        grads = contract_backward(gy.contiguous().to(x.dtype), x, h, weight, bias, ctx.geom, ctx.needs_input_grad[:4])
+        gy, geom, needs = gy.contiguous().to(x.dtype), ctx.geom, ctx.needs_input_grad[:4]
+        grads = fallback.guarded(
+            "backward",
+            fallback.config_key(x, h, weight, bias, geom),
+            lambda: contract_backward(gy, x, h, weight, bias, geom, needs),
+            lambda: fallback.torch_contract_backward(gy, x, h, weight, bias, geom, needs),
+        )
         return (*grads, None)

@@ -1,0 +1,142 @@
+"""Kernel forms: what the generator returns for a location, and how it meets the patch.
+
+* ``"full"``: a whole weight ``(out, in / groups, *k)`` per location, applied to the patch (one
+  small matrix-vector product per location).
+* ``"modulated"``: per-tap scalars ``(*k)`` (or per input channel and tap, ``(in, *k)``) that
+  scale a learnable static weight ``(out, in / groups, *k)``, as pixel-adaptive convolution and
+  DCNv2's mask do. Computed without forming per-location weights: the chunk's patch rows are
+  scaled, then multiplied by the static weight in one GEMM (an ordinary unfold convolution's cost).
+* ``"shared"``: one kernel ``(*k)`` per group of channels, ``(G, *k)``, applied depthwise (as
+  involution, kernel prediction and spatially varying blur do): ``out = in`` channels, channel
+  ``c`` filtered with the kernel of group ``c // (in / G)`` (consecutive channels share). Never
+  forms an ``(out, in)`` weight.
+
+Each form checks the generator's output (:meth:`KernelForm.generated`) and contracts it with the
+chunk's patch rows (:meth:`KernelForm.apply`). Pure shape logic plus a few tensor ops per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import GeneratorOutputError
+from .geometry import ConvGeometry
+
+__all__ = ["FORMS", "KernelForm", "check_form", "static_weight_shape"]
+
+FORMS = ("full", "modulated", "shared")
+
+
+def static_weight_shape(geom: ConvGeometry) -> tuple[int, ...]:
+    """The modulated form's static weight: ``nn.Conv*d``'s ``(out, in / groups, *kernel_size)``."""
+    return geom.weight_shape
+
+
+def check_form(kernel: object, kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
+    """Check a form's arguments against the convolution's; return the number of kernel groups.
+
+    Raises:
+        ValueError: an unknown form, or arguments the form cannot take.
+
+    """
+    if kernel not in FORMS:
+        raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={kernel!r}.")
+    if kernel != "shared":
+        if kernel_groups is not None:
+            raise ValueError(f"`kernel_groups` is for kernel='shared'; got kernel_groups={kernel_groups!r} with {kernel=}.")
+        return 1
+    g = 1 if kernel_groups is None else kernel_groups
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or in_channels % g:
+        raise ValueError(
+            f"Invalid value for `kernel_groups`; expected an int >= 1 dividing in_channels={in_channels}, "
+            f"got kernel_groups={kernel_groups!r}."
+        )
+    if out_channels != in_channels:
+        raise ValueError(
+            "kernel='shared' filters every channel with its group's kernel, so out_channels must equal "
+            f"in_channels; got in_channels={in_channels}, out_channels={out_channels}."
+        )
+    if groups != 1:
+        raise ValueError(
+            "kernel='shared' is depthwise by construction (its channel groups are `kernel_groups`); "
+            f"expected groups=1, got groups={groups}."
+        )
+    return g
+
+
+@dataclass(frozen=True)
+class KernelForm:
+    """One form for one call's geometry (``groups``: the kernel groups of ``"shared"``)."""
+
+    name: str
+    geom: ConvGeometry
+    kernel_groups: int = 1
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The per-row shapes the generator may return, the first the canonical one."""
+        g, k = self.geom, self.geom.kernel_size
+        taps = g.kernel_numel
+        if self.name == "full":
+            return [g.weight_shape, (g.weight_numel,)]
+        if self.name == "modulated":
+            return [tuple(k), (taps,), (g.in_channels, *k), (g.in_channels * taps,)]
+        return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
+
+    def generated(self, out: object, rows: int, width: int) -> Tensor:
+        """The generator's output checked and viewed for :meth:`apply`.
+
+        Raises:
+            GeneratorOutputError: not one of :meth:`shapes` per row.
+
+        """
+        shapes = self.shapes()
+        if not isinstance(out, Tensor) or tuple(out.shape[1:]) not in shapes or out.shape[0] != rows:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            what = {
+                "full": "one weight per patch",
+                "modulated": "per-tap scalars per location for kernel='modulated'",
+                "shared": "one kernel per channel group per location for kernel='shared'",
+            }
+            expected = " or ".join(str((rows, *s)) for s in shapes)
+            raise GeneratorOutputError(
+                f"The generator must return {what[self.name]}: expected shape "
+                f"{expected} for {rows} rows of {width} features (out_channels={self.geom.out_channels}, "
+                f"in_channels // groups={self.geom.in_channels // self.geom.groups}, "
+                f"kernel_size={self.geom.kernel_size}), got {got}."
+            )
+        return out.reshape(rows, -1)
+
+    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Output rows ``(B, out)`` from the generated rows, the patch rows ``(B, C * K)`` and the static weight."""
+        geom, rows = self.geom, patches.shape[0]
+        taps, c = geom.kernel_numel, geom.in_channels
+        if self.name == "full":
+            groups = geom.groups
+            per_group = geom.patch_size // groups
+            w = generated.reshape(rows * groups, geom.out_channels // groups, per_group)
+            p = patches.reshape(rows * groups, per_group, 1)
+            return torch.bmm(w, p).view(rows, geom.out_channels)
+        if self.name == "modulated":
+            assert weight is not None
+            scale = generated.view(rows, -1 if generated.shape[1] == c * taps else 1, taps)
+            scaled = (patches.view(rows, c, taps) * scale).view(rows, c * taps)
+            groups = geom.groups
+            if groups == 1:
+                return F.linear(scaled, weight.reshape(geom.out_channels, -1))
+            per_group = geom.patch_size // groups
+            w = weight.reshape(groups, geom.out_channels // groups, per_group)
+            out = torch.bmm(scaled.view(rows, groups, per_group).transpose(0, 1), w.transpose(1, 2))
+            return out.transpose(0, 1).reshape(rows, geom.out_channels)
+        g = self.kernel_groups
+        x = patches.view(rows * g, c // g, taps)
+        k = generated.reshape(rows * g, taps, 1)
+        return torch.bmm(x, k).view(rows, c)
+
+    def weight_entries(self) -> int:
+        """Entries the generator makes per location (what the plan prints)."""
+        return math.prod(self.shapes()[0])
