@@ -103,7 +103,7 @@ def _layers_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes at 16 and 32 px (seconds)")
     p.add_argument("--layers", type=_csv(tuple(LAYERS)), help=f"comma-separated, from {', '.join(LAYERS)}")
     p.add_argument("--sizes", type=_csv(cast=int), help="image sides for every layer (default: each layer's)")
-    p.add_argument("--budget", default="1GB", help="chunkconv's budget above 256 px (default: 1GB)")
+    p.add_argument("--budget", help="chunkconv's budget above 256 px (default: 1GB; 32MB with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds after the warm-up (default: 3)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a method after this (default: 60)")
     p.add_argument("--memory-limit", help="the measuring child's address-space headroom (default: 4GB)")

@@ -414,22 +414,22 @@ _QUICK: dict[str, tuple[int, int, tuple[tuple[str, int], ...]]] = {
 
 def workloads(
     layers: tuple[str, ...] | None = None, *, quick: bool = False, sizes: tuple[int, ...] | None = None,
-    budget: str = "1GB",
+    budget: str | None = None,
 ) -> list[LayerWorkload]:  # fmt: skip
     """The benchmarked workloads, layer by layer: 256 px (default budget), then 1024 px and up (``budget``).
 
-    ``quick``: tiny shapes at 16 and 32 px (the larger with a 4 MB budget). ``sizes`` replaces the
-    sizes of every layer; sizes above 256 px get ``budget``.
+    ``quick``: tiny shapes at 16 and 32 px. ``sizes`` replaces the sizes of every layer; sizes
+    above the first (256 px, or 16 px when ``quick``) get ``budget`` (default: 1GB, or 32MB when
+    ``quick``), the first chunkconv's default.
     """
     shapes = _QUICK if quick else _SHAPES
+    small = 16 if quick else 256
+    budget = budget or ("32MB" if quick else "1GB")
     out = []
     for layer in layers or tuple(LAYERS):
         if layer not in LAYERS:
             raise ValueError(f"Invalid value for `layers`; expected names from {tuple(LAYERS)}, got {layer!r}.")
         batch, channels, params = shapes[layer]
-        small, large_budget = (16, "4MB") if quick else (256, budget)
-        chosen = sizes or ((16, 32) if quick else (256, *_LARGE[layer]))
-        for size in chosen:
-            out.append(LayerWorkload(layer, size, batch, channels, params,
-                                     budget="auto" if size <= small else large_budget))  # fmt: skip
+        for size in sizes or ((16, 32) if quick else (256, *_LARGE[layer])):
+            out.append(LayerWorkload(layer, size, batch, channels, params, budget="auto" if size <= small else budget))
     return out

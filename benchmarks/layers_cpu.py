@@ -167,7 +167,7 @@ class LayerSettings:
     layers: tuple[str, ...] | None = None
     quick: bool = False
     sizes: tuple[int, ...] | None = None
-    budget: str = "1GB"
+    budget: str | None = None
     repeats: int = 3
     max_seconds: float = 60.0
     memory_limit: int | None = None
