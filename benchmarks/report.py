@@ -283,13 +283,43 @@ def _layer_cells(r: dict, limit: int, predicted: int | None) -> tuple[str, str]:
     return _STATUS.get(r["status"], r["status"]), need
 
 
-def render_layers_run(doc: dict, *, level: int = 2) -> str:
-    """A ``python -m benchmarks layers`` run as Markdown: machine facts, then one row per layer and size."""
+_LAYERS_INTRO = """\
+Five published layers, each written twice in `benchmarks/layers.py` on the same parameters (and
+checked to agree, output and every gradient, in float64 by `tests/test_layers_bench.py`): the
+**direct** implementation is the authors' unfold-based code with plain autograd; **chunkconv** is
+one `chunkconv.dynamic_conv2d` call with `kernel=` and `inputs=`.
+
+- **kpn**: kernel prediction: a softmax-normalised k x k kernel per pixel from a 1x1 conv of
+  per-pixel features, shared by all channels (`kernel="shared"`, `inputs=("features",)`).
+- **pac**: pixel-adaptive convolution: static weight x Gaussian of guide differences to the
+  centre tap (`kernel="modulated"`, `inputs=("guide",)`; direct: PAC's `native_impl`).
+- **psf**: spatially varying blur: a normalised Gaussian per pixel whose width grows with the
+  distance from the image centre (`kernel="shared"`, `inputs=("positions",)`).
+- **involution**: the official `involution_naive.py`: 1x1-conv bottleneck (BN on running
+  statistics) on each pixel's channels, G = C/16 kernel groups (`kernel="shared"`,
+  `kernel_groups=G`, `inputs=("features",)` with the input as features).
+- **dcn-mask**: DCNv2's sigmoid mask with zero offsets from a 1x1 conv of side features, then
+  mmcv's masked im2col and one GEMM (`kernel="modulated"`, `inputs=("features",)`).
+
+Each row is one training step, forward then backward into the input, the side inputs and every
+parameter, float32, in a child process capped at the memory limit. Both implementations run in
+the same process, alternating (direct, chunkconv, direct, ...) after one warm-up call each, so
+load on the machine hits both alike; the times are medians. Peaks are `chunkconv.MemoryTracker`'s
+(bytes allocated above the start; the output and all gradients count). chunkconv runs with
+`budget="auto"` at 256 px and a fixed budget above.
+"""
+
+
+def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
+    """A ``python -m benchmarks layers`` run as Markdown: what is measured, machine facts, a row per layer and size."""
     h = "#" * level
     limit = doc["memory_limit_bytes"]
+    threads = doc["machine"].get("torch_threads")
     out = [
-        f"{h} Layers: direct implementations against chunkconv, CPU, float32, forward+backward, {doc['date'][:10]}",
+        f"{h} Layers against their direct implementations: CPU, float32, fwd+bwd, {threads} thread"
+        f"{'s' if threads != 1 else ''}, {doc['date'][:10]}",
         "",
+        *([_LAYERS_INTRO] if intro else []),
         *_machine_lines(doc),
         "",
         "| layer | image | shape | direct time | direct peak | chunkconv time | chunkconv peak | time ratio "
@@ -303,7 +333,8 @@ def render_layers_run(doc: dict, *, level: int = 2) -> str:
         ct, cp = _layer_cells(chunked, limit, None)
         time_ratio = peak_ratio = "-"
         if chunked["status"] == "ok" and direct["status"] == "ok":
-            time_ratio = f"{chunked['median_s'] / direct['median_s']:.2f}x"
+            fastest = min(chunked["times_s"]) / min(direct["times_s"])
+            time_ratio = f"{chunked['median_s'] / direct['median_s']:.2f}x ({fastest:.2f}x)"
             peak_ratio = f"{chunked['peak_bytes'] / direct['peak_bytes']:.3f}x"
         elif chunked["status"] == "ok" and predicted:
             peak_ratio = f"{chunked['peak_bytes'] / predicted:.3f}x est."
@@ -317,7 +348,8 @@ def render_layers_run(doc: dict, *, level: int = 2) -> str:
     out += [
         "",
         "Ratios are chunkconv / direct (below 1: chunkconv is faster / smaller); times are medians of "
-        "calls alternating between the two in one process. Where the direct implementation did not "
+        "calls alternating between the two in one process, and the time ratio in parentheses is that of "
+        "the fastest calls (the least disturbed by other load). Where the direct implementation did not "
         "fit, its need is the peak measured at the smaller size scaled by the number of pixels, and "
         'the peak ratio is against that ("est.").',
     ]
@@ -390,8 +422,13 @@ config the autotuner can pick, for H100 (sm_90) and A100 (sm_80), with Triton's 
 def render_page(runs: list[tuple[dict, str | None]], command: str) -> str:
     """The docs page: how it is measured, then each run (``(doc, image path or None)``)."""
     parts = [_PREAMBLE.format(command=command)]
+    intro = True  # the layers' description once, before the first layers run
     for doc, image in runs:
-        parts.append(render_layers_run(doc) if doc.get("suite") == "layers" else render_run(doc, image))
+        if doc.get("suite") == "layers":
+            parts.append(render_layers_run(doc, intro=intro))
+            intro = False
+        else:
+            parts.append(render_run(doc, image))
     if not any(doc["device"].startswith("cuda") for doc, _ in runs):
         parts.append(_NO_GPU)
     return "\n".join(parts)
