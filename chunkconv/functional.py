@@ -24,7 +24,7 @@ from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
 from .gather import make_streams
 from .geometry import ConvSpec, conv_spec_for_input
-from .measure import ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
+from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
 
 __all__ = [
@@ -103,7 +103,10 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         channels=call.channels,
         source_grads=call.source_grads,
     )
-    return remember(cache, plan_key, make_plan(request, costs))
+    plan = make_plan(request, costs)
+    if plan.cost is not None and plan.cost.method != MEASURED:  # a fallback bound: measure again next time
+        return plan
+    return remember(cache, plan_key, plan)
 
 
 def _fast_path_blocker(call: Call) -> str | None:

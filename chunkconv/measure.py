@@ -140,17 +140,28 @@ class _OutputBytes(TorchDispatchMode):
         return out
 
 
+# Trackers of one device take turns between threads; a probe waits at most this long for another
+# thread's (which might itself be waiting for this thread) before bounding the bytes instead.
+_TRACKER_TIMEOUT = 5.0
+
+
 def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[int, str]:
     try:
-        with MemoryTracker(device) as tracker:
+        with MemoryTracker(device, timeout=_TRACKER_TIMEOUT) as tracker:
             fn()
-        return tracker.peak, "measured by the allocator"
+        return tracker.peak, MEASURED
+    except TimeoutError:
+        why = "another thread's MemoryTracker was active"
     except RuntimeError as error:  # e.g. a torch.profiler session is running (CPU tracker)
         if "profiler" not in str(error).lower():
             raise
+        why = "a profiler was running"
     with _OutputBytes() as mode:
         fn()
-    return mode.total, "bounded by summing op outputs (a profiler was running)"
+    return mode.total, f"bounded by summing op outputs ({why}; not reused)"
+
+
+MEASURED = "measured by the allocator"
 
 
 def probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
@@ -416,7 +427,7 @@ class ProbedCosts:
                 found = ChunkCost(trained.forward, None, trained.method, trained.measured_at)
         if found is None:
             found = self._probe(step, self.sizes, limit)
-            if len(found.forward.points) == len(self.sizes):  # not cut short by this budget: reusable
+            if len(found.forward.points) == len(self.sizes) and found.method == MEASURED:  # complete, exact: reusable
                 remember(self.cache, key, found)
         return found
 
