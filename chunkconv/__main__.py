@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+
+from .progress import set_progress
 
 __all__ = ["main"]
 
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m chunkconv`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser, plan_parser = _build_parser()
     args = parser.parse_args(argv)
+    if "CHUNKCONV_PROGRESS" not in os.environ:
+        set_progress("auto")  # the CLI shows progress for long calls unless told otherwise
     if args.command == "doctor":
         from .doctor import run
 

@@ -98,6 +98,8 @@ class ChunkCost:
     backward: StepCost | None
     method: str  # how it was measured, shown in the plan
     measured_at: float = 0.0  # time.time() of the (last) measurement
+    # seconds per patch of forward and backward at the largest probe (rough: timed while tracked)
+    seconds_per_patch: tuple[float, float | None] | None = None
 
     def describe(self) -> str:
         """How and when it was measured, for the plan."""
@@ -118,7 +120,9 @@ class ChunkCost:
 
         forward = points(self.forward, other.forward)
         assert forward is not None
-        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time())
+        larger = other if other.forward.points[-1][0] > self.forward.points[-1][0] else self
+        timing = larger.seconds_per_patch or self.seconds_per_patch
+        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time(), timing)
 
 
 class _OutputBytes(TorchDispatchMode):
@@ -229,6 +233,7 @@ def measure_step_cost(
     forward_points: list[tuple[int, int]] = []
     backward_points: list[tuple[int, int]] = []
     method = ""
+    timing: list[float | None] = [None, None]
     with forked_rng(device):
         for rows in sizes:
             if limit is not None and len(forward_points) >= 2:
@@ -243,8 +248,10 @@ def measure_step_cost(
             def run_forward(sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows) -> object:
                 return forward_chunks(make_streams(streams, sources, probe), bound(), probe, rows, out_dtype, device)
 
+            started = time.perf_counter()
             with torch.no_grad():
                 peak, method = _measure(device, run_forward)
+            timing = [(time.perf_counter() - started) / rows, None]
             forward_points.append((rows, max(0, peak - out_bytes)))
             if training:
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
@@ -255,8 +262,10 @@ def measure_step_cost(
                     chunked = make_streams(streams, sources, probe, grads)
                     return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
 
+                started = time.perf_counter()
                 with torch.enable_grad():
                     peak, _ = _measure(device, run_backward)
+                timing[1] = (time.perf_counter() - started) / rows
                 # the gradient buffers are counted by the plan's fixed costs
                 grad_buffer = sum(t.numel() * dtype.itemsize for t, g in zip(sources, grads) if g)
                 backward_points.append((rows, max(0, peak - grad_buffer)))
@@ -265,6 +274,7 @@ def measure_step_cost(
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
         measured_at=time.time(),
+        seconds_per_patch=(timing[0] or 0.0, timing[1]) if forward_points else None,
     )
 
 
@@ -424,7 +434,8 @@ class ProbedCosts:
         if found is None and not self.training and key == self._key:  # inference: a training measurement's forward
             trained = next((v for k, v in self.cache.items() if k[:4] == self._forward_key and k[4]), None)
             if trained is not None:
-                found = ChunkCost(trained.forward, None, trained.method, trained.measured_at)
+                timing = trained.seconds_per_patch
+                found = ChunkCost(trained.forward, None, trained.method, trained.measured_at, timing and (timing[0], None))
         if found is None:
             found = self._probe(step, self.sizes, limit)
             if len(found.forward.points) == len(self.sizes) and found.method == MEASURED:  # complete, exact: reusable
