@@ -43,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
             return action.help or ""
         if "%(default)" in (action.help or ""):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def _ints(text: str) -> int | tuple[int, ...]:
@@ -203,22 +203,20 @@ def _static_weight(kernel: str, out: int, channels: int, groups: int, size: tupl
     return torch.zeros((out, channels // max(groups, 1), *size), dtype=dtype, device=device)
 
 
-class _ConcatMLP:
-    """The CLI's generator for several inputs: their rows concatenated, then Linear-ReLU-Linear."""
+def _concat_mlp(width: int, hidden: int, out: int):  # noqa: ANN202 - torch is imported lazily here
+    """The CLI's generator for several inputs (or a structured form): rows concatenated, then Linear-ReLU-Linear."""
+    import torch
+    from torch import nn
 
-    def __new__(cls, width: int, hidden: int, out: int):
-        import torch
-        from torch import nn
+    class ConcatMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
-        class ConcatMLP(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
+        def forward(self, *rows: torch.Tensor) -> torch.Tensor:
+            return self.mlp(torch.cat(rows, dim=1))
 
-            def forward(self, *rows: torch.Tensor) -> torch.Tensor:
-                return self.mlp(torch.cat(rows, dim=1))
-
-        return ConcatMLP()
+    return ConcatMLP()
 
 
 def _x(sizes: tuple[int, ...] | int) -> str:
@@ -260,10 +258,11 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     }[args.kernel]
     dtype = getattr(torch, args.dtype)
     width = sum(widths.get(k, 0) for k in inputs)
+    generator: nn.Module
     if args.kernel == "full" and len(inputs) == 1:
         generator = nn.Sequential(nn.Linear(width, args.hidden), nn.ReLU(), nn.Linear(args.hidden, made))
     else:
-        generator = _ConcatMLP(width, args.hidden, made)
+        generator = _concat_mlp(width, args.hidden, made)
     try:
         generator.to(device=args.device, dtype=dtype)
         result = plan(
@@ -282,7 +281,8 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             weight=_static_weight(args.kernel, out_channels, channels, args.groups, kernel, dtype, args.device),
             kernel_groups=args.kernel_groups,
             inputs=inputs,
-            **side,
+            features=side.get("features"),
+            guide=side.get("guide"),
         )
     except BudgetTooSmallError as error:
         mode = "forward only (--inference)" if args.inference else "training (forward and backward)"

@@ -73,7 +73,9 @@ class CallOptions:
         check_budget_form(self.budget)
         object.__setattr__(self, "inputs", check_inputs(self.inputs))
         if self.progress not in (None, True, False):
-            raise ValueError(f"Invalid value for `progress`; expected None, True or False, got progress={self.progress!r}.")
+            raise ValueError(
+                f"Invalid value for `progress`; expected None, True or False, got progress={self.progress!r}."
+            )
         if self.kernel not in FORMS:
             raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={self.kernel!r}.")
 

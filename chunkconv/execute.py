@@ -105,7 +105,9 @@ class GeneratorStep:
         n = len(self.param_names)
         tensors = {**dict(zip(self.param_names, params[:n])), **(buffers or {})}
         static = params[n] if len(params) > n else self.static
-        return _BoundGenerator(bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static)
+        return _BoundGenerator(
+            bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static
+        )
 
 
 @dataclass(frozen=True)

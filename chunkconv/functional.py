@@ -119,9 +119,7 @@ def _fast_path_blocker(call: Call) -> str | None:
     return None
 
 
-def _prepare(
-    call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool
-) -> tuple[ChunkStep, Plan]:
+def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool) -> tuple[ChunkStep, Plan]:
     """The step that runs the call's path, and its plan."""
     choice = choose_path(
         generator, call.geom, call.out_dtype, call.options.path, device=call.device, blocker=_fast_path_blocker(call)

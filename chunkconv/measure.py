@@ -193,7 +193,8 @@ def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
 
 def _stand_ins(step: ChunkStep) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Detached parameters (the generator's, then the step's own) and cloned buffers: probing
-    changes nothing the user owns."""
+    changes nothing the user owns.
+    """
     generator = step.generator
     own = list(generator.parameters()) if isinstance(generator, nn.Module) else []
     params = [p.detach().requires_grad_(p.requires_grad) for p in (*own, *step.extras)]
@@ -257,7 +258,10 @@ def measure_step_cost(
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
 
                 def run_backward(
-                    sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows, grad_y: Tensor = grad_y
+                    sources: list[Tensor] = sources,
+                    probe: ConvGeometry = probe,
+                    rows: int = rows,
+                    grad_y: Tensor = grad_y,
                 ) -> object:
                     chunked = make_streams(streams, sources, probe, grads)
                     return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
@@ -435,7 +439,9 @@ class ProbedCosts:
             trained = next((v for k, v in self.cache.items() if k[:4] == self._forward_key and k[4]), None)
             if trained is not None:
                 timing = trained.seconds_per_patch
-                found = ChunkCost(trained.forward, None, trained.method, trained.measured_at, timing and (timing[0], None))
+                found = ChunkCost(
+                    trained.forward, None, trained.method, trained.measured_at, timing and (timing[0], None)
+                )
         if found is None:
             found = self._probe(step, self.sizes, limit)
             if len(found.forward.points) == len(self.sizes) and found.method == MEASURED:  # complete, exact: reusable

@@ -180,8 +180,7 @@ class Plan:
             items = [f"{name} {b(n)}" for name, n in parts.items() if n]
             if step is not None:
                 items.append(
-                    f"per chunk {b(step.at(self.chunk_size))} "
-                    f"({b(round(step.per_patch))}/patch + {b(step.intercept)})"
+                    f"per chunk {b(step.at(self.chunk_size))} ({b(round(step.per_patch))}/patch + {b(step.intercept)})"
                 )
             lines.append(f"  {title} " + ", ".join(items))
         if self.unchunked_forward is not None:
@@ -194,7 +193,9 @@ class Plan:
             text = f"forward ~{_seconds(seconds[0])}"
             if seconds[1] is not None:
                 text += f", backward ~{_seconds(seconds[1])}"
-            lines.append(f"  time     {text} (rough, on the high side: the largest probe, timed while its memory was measured)")
+            lines.append(
+                f"  time     {text} (rough, on the high side: the largest probe, timed while its memory was measured)"
+            )
         if self.minimum_budget is not None:
             lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
         if self.cost is not None:
