@@ -7,6 +7,7 @@ from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_co
 from .memory import MemoryTracker
 from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .planner import Plan
+from .progress import set_progress
 from .reference import dynamic_conv_reference
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "format_bytes",
     "parse_budget",
     "plan",
+    "set_progress",
 ]

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+
+from .progress import set_progress
 
 __all__ = ["main"]
 
@@ -40,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
             return action.help or ""
         if "%(default)" in (action.help or ""):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def _ints(text: str) -> int | tuple[int, ...]:
@@ -110,6 +113,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--padding-mode", default="zeros", choices=("zeros", "reflect", "replicate", "circular"), help="as in torch"
     )
     p.add_argument("--hidden", type=int, default=32, help="hidden width of the Linear-ReLU-Linear generator")
+    p.add_argument(
+        "--kernel",
+        default="full",
+        choices=("full", "modulated", "shared"),
+        help="what the generator returns per location: a full weight, per-tap scalars scaling a static weight, "
+        "or one depthwise kernel per channel group",
+    )
+    p.add_argument("--kernel-groups", type=int, help="channel groups of --kernel shared (default: 1)")
+    p.add_argument(
+        "--inputs",
+        default="patches",
+        help="what the generator receives, comma-separated, in order: patches, features, guide, positions",
+    )
+    p.add_argument("--features", type=int, help="channels of the per-location features (with --inputs features)")
+    p.add_argument("--guide", type=int, help="channels of the guide (with --inputs guide)")
     p.add_argument("--budget", type=_budget, default="auto", help="'4GB', '512MiB', bytes, a fraction, or 'auto'")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"], help="the input's dtype"
@@ -160,6 +178,47 @@ def _spatial_dims(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return ndim, kernel, len(shape) == ndim + 1
 
 
+def _output_spatial(args: argparse.Namespace, shape: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+    from .geometry import conv_spec
+
+    ndim = len(kernel)
+    spec = conv_spec(
+        ndim,
+        in_channels=shape[-ndim - 1],
+        out_channels=shape[-ndim - 1],
+        kernel_size=kernel,
+        stride=args.stride,
+        padding=args.padding,
+        dilation=args.dilation,
+    )
+    return spec.geometry((1, shape[-ndim - 1], *shape[-ndim:])).out_spatial
+
+
+def _static_weight(kernel: str, out: int, channels: int, groups: int, size: tuple[int, ...], dtype, device):
+    """The modulated form's static weight, on ``meta``-free zeros: planning only reads its shape."""
+    if kernel != "modulated":
+        return None
+    import torch
+
+    return torch.zeros((out, channels // max(groups, 1), *size), dtype=dtype, device=device)
+
+
+def _concat_mlp(width: int, hidden: int, out: int):  # noqa: ANN202 - torch is imported lazily here
+    """The CLI's generator for several inputs (or a structured form): rows concatenated, then Linear-ReLU-Linear."""
+    import torch
+    from torch import nn
+
+    class ConcatMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+        def forward(self, *rows: torch.Tensor) -> torch.Tensor:
+            return self.mlp(torch.cat(rows, dim=1))
+
+    return ConcatMLP()
+
+
 def _x(sizes: tuple[int, ...] | int) -> str:
     return "x".join(map(str, sizes)) if isinstance(sizes, tuple) else str(sizes)
 
@@ -178,10 +237,32 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--device {args.device}: CUDA is not available here")
     channels = shape[0] if unbatched else shape[1]
     out_channels = args.out_channels if args.out_channels is not None else channels
-    patch = channels * math.prod(kernel)
-    weight = out_channels * (channels // max(args.groups, 1)) * math.prod(kernel)
+    taps = math.prod(kernel)
+    inputs = tuple(k.strip() for k in args.inputs.split(",") if k.strip())
+    side: dict[str, tuple[int, ...]] = {}
+    widths = {"patches": channels * taps, "positions": ndim}
+    lead = shape[:0] if unbatched else shape[:1]
+    for name in ("features", "guide"):
+        count = getattr(args, name)
+        if (count is None) == (name in inputs):
+            parser.error(f"--{name} (its channels) and 'inputs {name}' go together: give both or neither")
+        if count is not None:
+            # the features lie on the output's grid: a shape the plan checks, so stride 1 and 'same'
+            # padding are the common case; the guide on the input's
+            side[name] = (*lead, count, *(shape[-ndim:] if name == "guide" else _output_spatial(args, shape, kernel)))
+            widths[name] = count * (taps if name == "guide" else 1)
+    made = {
+        "full": out_channels * (channels // max(args.groups, 1)) * taps,
+        "modulated": taps,
+        "shared": (args.kernel_groups or 1) * taps,
+    }[args.kernel]
     dtype = getattr(torch, args.dtype)
-    generator = nn.Sequential(nn.Linear(patch, args.hidden), nn.ReLU(), nn.Linear(args.hidden, weight))
+    width = sum(widths.get(k, 0) for k in inputs)
+    generator: nn.Module
+    if args.kernel == "full" and len(inputs) == 1:
+        generator = nn.Sequential(nn.Linear(width, args.hidden), nn.ReLU(), nn.Linear(args.hidden, made))
+    else:
+        generator = _concat_mlp(width, args.hidden, made)
     try:
         generator.to(device=args.device, dtype=dtype)
         result = plan(
@@ -196,6 +277,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             padding_mode=args.padding_mode,
             budget=args.budget,
             training=not args.inference,
+            kernel=args.kernel,
+            weight=_static_weight(args.kernel, out_channels, channels, args.groups, kernel, dtype, args.device),
+            kernel_groups=args.kernel_groups,
+            inputs=inputs,
+            features=side.get("features"),
+            guide=side.get("guide"),
         )
     except BudgetTooSmallError as error:
         mode = "forward only (--inference)" if args.inference else "training (forward and backward)"
@@ -225,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m chunkconv`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser, plan_parser = _build_parser()
     args = parser.parse_args(argv)
+    if "CHUNKCONV_PROGRESS" not in os.environ:
+        set_progress("auto")  # the CLI shows progress for long calls unless told otherwise
     if args.command == "doctor":
         from .doctor import run
 

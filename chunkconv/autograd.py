@@ -18,6 +18,7 @@ from .binding import buffer_copies
 from .execute import ChunkStep, add_bias, backward_chunks, forward_chunks
 from .gather import SOURCED_KINDS, make_streams
 from .geometry import ConvGeometry
+from .progress import progress_bar
 from .replay import ReplayState
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
@@ -37,6 +38,7 @@ class ForwardContext:
     chunk_size: int
     out_dtype: torch.dtype
     streams: tuple[str, ...] = ("patches",)
+    progress: bool = False
 
     @property
     def num_sources(self) -> int:
@@ -56,7 +58,10 @@ class DynamicConvFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(*tensors)
         streams = make_streams(run.streams, sources, run.geom)
-        y, ctx.ranges = forward_chunks(streams, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype, device)
+        with progress_bar(run.progress, run.geom.num_patches, "chunkconv forward") as tick:
+            y, ctx.ranges = forward_chunks(
+                streams, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype, device, tick
+            )
         ctx.uses_rng = ctx.replay.rng.advanced()
         return add_bias(y, bias)
 
@@ -87,7 +92,8 @@ class DynamicConvFunction(torch.autograd.Function):
             grad_bias = grad_bias.to(ctx.bias_dtype)
 
         def recompute() -> tuple[list[Tensor | None], list[Tensor | None]]:
-            with torch.enable_grad():
+            description = "chunkconv backward (recomputing each chunk)"
+            with torch.enable_grad(), progress_bar(run.progress, run.geom.num_patches, description) as tick:
                 return backward_chunks(
                     make_streams(run.streams, sources, run.geom, source_needs),
                     run.step.bind(stand_ins, buffer_copies(run.step.generator)),
@@ -95,6 +101,7 @@ class DynamicConvFunction(torch.autograd.Function):
                     ctx.ranges,
                     grad_y,
                     splittable=not ctx.uses_rng,
+                    progress=tick,
                 )
 
         stream_grads, param_grads = ctx.replay.replay(recompute)

@@ -36,7 +36,7 @@ def bind_parameters(generator: Callable[[Tensor], Tensor], tensors: dict[str, Te
     """
     if not tensors or not isinstance(generator, nn.Module):
         return generator
-    own = dict(generator.named_parameters(remove_duplicate=False))
+    own: dict[str, Tensor] = dict(generator.named_parameters(remove_duplicate=False))
     own.update(generator.named_buffers(remove_duplicate=False))
     by_id: dict[int, Tensor] = {}
     for name, tensor in tensors.items():

@@ -53,6 +53,8 @@ class CallOptions:
         kernel_groups: the channel groups of ``kernel="shared"`` (default 1).
         inputs: what the generator receives, in order: ``"patches"``, ``"features"``, ``"guide"``,
             ``"positions"``.
+        progress: show progress over the chunks (``None``: the process-wide setting, see
+            :func:`chunkconv.set_progress`).
 
     """
 
@@ -63,12 +65,17 @@ class CallOptions:
     kernel: str = "full"
     kernel_groups: int | None = None
     inputs: tuple[str, ...] = ("patches",)
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
         check_path(self.path)
         check_budget_form(self.budget)
         object.__setattr__(self, "inputs", check_inputs(self.inputs))
+        if self.progress not in (None, True, False):
+            raise ValueError(
+                f"Invalid value for `progress`; expected None, True or False, got progress={self.progress!r}."
+            )
         if self.kernel not in FORMS:
             raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={self.kernel!r}.")
 

@@ -76,7 +76,11 @@ def check_budget_form(budget: object) -> None:
     """
     if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
         return  # resolved per call; checking it here would read the free memory (and trip torch.compile)
-    if isinstance(budget, numbers.Real) and not isinstance(budget, (bool, numbers.Integral)) and 0.0 < budget <= 1.0:
+    if (
+        isinstance(budget, numbers.Real)
+        and not isinstance(budget, (bool, numbers.Integral))
+        and 0.0 < float(budget) <= 1.0
+    ):
         return  # a fraction: likewise
     parse_budget(budget, "cpu")  # type: ignore[arg-type]
 
@@ -218,9 +222,13 @@ def check_side_inputs(
             raise ValueError(f"Invalid shape for `{name}` of {op}; expected at least one channel, got {shape}.")
         if isinstance(given, Tensor):
             if given.device != device:
-                raise ValueError(f"`{name}` is on {given.device} but the input is on {device}; expected the same device.")
+                raise ValueError(
+                    f"`{name}` is on {given.device} but the input is on {device}; expected the same device."
+                )
             if given.dtype != dtype:
-                raise ValueError(f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same.")
+                raise ValueError(
+                    f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same."
+                )
 
 
 def check_static_weight(
@@ -237,10 +245,15 @@ def check_static_weight(
             f"got {type(weight).__name__}."
         )
     if tuple(weight.shape) != shape:
-        raise ValueError(f"Invalid shape for `weight`; expected {shape} (out, in // groups, *kernel_size), got {tuple(weight.shape)}.")
+        raise ValueError(
+            f"Invalid shape for `weight`; expected {shape} (out, in // groups, *kernel_size), "
+            f"got {tuple(weight.shape)}."
+        )
     if weight.device != device:
         raise ValueError(f"`weight` is on {weight.device} but the input is on {device}; expected the same device.")
-    if weight.dtype != dtype and not (torch.is_autocast_enabled(device.type) and {weight.dtype, dtype} <= AUTOCAST_DTYPES):
+    if weight.dtype != dtype and not (
+        torch.is_autocast_enabled(device.type) and {weight.dtype, dtype} <= AUTOCAST_DTYPES
+    ):
         raise ValueError(f"`weight` has dtype {weight.dtype} but the input has dtype {dtype}; expected the same.")
 
 
@@ -262,8 +275,7 @@ def batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) ->
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (ndim + 1, ndim + 2):
         raise ValueError(
-            f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, "
-            f"got input of shape {shape}."
+            f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, got input of shape {shape}."
         )
     unbatched = len(shape) == ndim + 1
     channels = shape[0 if unbatched else 1]

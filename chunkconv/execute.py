@@ -105,7 +105,9 @@ class GeneratorStep:
         n = len(self.param_names)
         tensors = {**dict(zip(self.param_names, params[:n])), **(buffers or {})}
         static = params[n] if len(params) > n else self.static
-        return _BoundGenerator(bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static)
+        return _BoundGenerator(
+            bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static
+        )
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ def forward_chunks(
     chunk_size: int,
     out_dtype: torch.dtype,
     device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """The output ``(N, O, *out_spatial)`` without bias, and the chunk ranges actually used.
 
@@ -255,6 +258,8 @@ def forward_chunks(
             _warn_oom_once(start, end, size)
             continue
         used.append((start, end))
+        if progress is not None:
+            progress(end - start)
         start = end
     return y, used
 
@@ -267,6 +272,7 @@ def backward_chunks(
     grad_y: Tensor,
     *,
     splittable: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """Recompute every chunk; return the gradients of the streams' sources and of the step's parameters.
 
@@ -309,6 +315,8 @@ def backward_chunks(
             continue
         _deliver(streams, graded, chunk, grads, param_grads)
         del grads
+        if progress is not None:
+            progress(end - start)
     source_grads = [s.grad() if s.requires_grad else None for s in streams]
     if not ranges:  # no location at all (an empty batch): zero gradients, as torch's convolutions give
         param_grads = [torch.zeros_like(leaf, dtype=accumulation_dtype(leaf.dtype)) for leaf in wanted]

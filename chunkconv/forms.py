@@ -48,7 +48,9 @@ def check_form(kernel: object, kernel_groups: object, in_channels: int, out_chan
         raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={kernel!r}.")
     if kernel != "shared":
         if kernel_groups is not None:
-            raise ValueError(f"`kernel_groups` is for kernel='shared'; got kernel_groups={kernel_groups!r} with {kernel=}.")
+            raise ValueError(
+                f"`kernel_groups` is for kernel='shared'; got kernel_groups={kernel_groups!r} with {kernel=}."
+            )
         return 1
     g = 1 if kernel_groups is None else kernel_groups
     if isinstance(g, bool) or not isinstance(g, int) or g < 1 or in_channels % g:

@@ -24,8 +24,9 @@ from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
 from .gather import make_streams
 from .geometry import ConvSpec, conv_spec_for_input
-from .measure import ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
+from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
+from .progress import progress_bar, wants_progress
 
 __all__ = [
     "apply_spec",
@@ -103,7 +104,10 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         channels=call.channels,
         source_grads=call.source_grads,
     )
-    return remember(cache, plan_key, make_plan(request, costs))
+    plan = make_plan(request, costs)
+    if plan.cost is not None and plan.cost.method != MEASURED:  # a fallback bound: measure again next time
+        return plan
+    return remember(cache, plan_key, plan)
 
 
 def _fast_path_blocker(call: Call) -> str | None:
@@ -115,9 +119,7 @@ def _fast_path_blocker(call: Call) -> str | None:
     return None
 
 
-def _prepare(
-    call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool
-) -> tuple[ChunkStep, Plan]:
+def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool) -> tuple[ChunkStep, Plan]:
     """The step that runs the call's path, and its plan."""
     choice = choose_path(
         generator, call.geom, call.out_dtype, call.options.path, device=call.device, blocker=_fast_path_blocker(call)
@@ -188,13 +190,16 @@ def apply_spec(
     batch = (lambda t: t.unsqueeze(0)) if call.unbatched else (lambda t: t)
     sources = [batch(input), *(batch(side[k]) for k in call.streams[1:] if k != "positions")]
     geom = call.geom
+    seconds = plan.estimated_seconds
+    show = wants_progress(call.options.progress, seconds and seconds[0] + (seconds[1] or 0.0))
     if plan.training:
-        run = ForwardContext(step, geom, plan.chunk_size, call.out_dtype, call.streams)
+        run = ForwardContext(step, geom, plan.chunk_size, call.out_dtype, call.streams, show)
         y = DynamicConvFunction.apply(run, bias, *sources, *call.params.values(), *step.extras)
     else:
-        with torch.no_grad():  # nothing to differentiate: record no graph, whatever the generator captures
+        # nothing to differentiate: record no graph, whatever the generator captures
+        with torch.no_grad(), progress_bar(show, geom.num_patches, "chunkconv forward") as tick:
             streams = make_streams(call.streams, sources, geom)
-            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, input.device)
+            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, input.device, tick)
         add_bias(y, bias)
     return y.squeeze(0) if call.unbatched else y
 
@@ -283,6 +288,8 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
             them. Default: ``None``.
         guide: a guide ``(N, G, {dims})`` windowed like the input; gradients flow into it.
             Default: ``None``.
+        progress: show progress over the chunks (tqdm when installed); ``None`` follows
+            ``chunkconv.set_progress``. Default: ``None``.
 
     Returns:
         ``(N, out_channels, *out)`` (unbatched in, unbatched out), with torch's output size
@@ -319,12 +326,15 @@ def _functional(ndim: int | None, op: str):
         inputs: Sequence[str] = ("patches",),
         features: Tensor | None = None,
         guide: Tensor | None = None,
+        progress: bool | None = None,
     ) -> Tensor:
         check_input_type(input, op)
         spec = conv_spec_for_input(
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
-        options = CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs))
+        options = CallOptions(
+            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+        )
         return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
 
     conv.__name__ = conv.__qualname__ = op

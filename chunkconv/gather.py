@@ -228,7 +228,9 @@ class FeatureStream:
         self.requires_grad = input_grad
         self.source = features.detach().movedim(1, -1)  # (N, *out, F), a view
         self.width = features.shape[1]
-        self._grad = torch.zeros(self.source.shape, dtype=features.dtype, device=features.device) if input_grad else None
+        self._grad = (
+            torch.zeros(self.source.shape, dtype=features.dtype, device=features.device) if input_grad else None
+        )
 
     def gather(self, chunk: ChunkIndex) -> Tensor:
         out = torch.empty(chunk.end - chunk.start, self.width, dtype=self.source.dtype, device=self.source.device)

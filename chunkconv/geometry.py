@@ -165,9 +165,7 @@ def conv_geometry(
     """
     d = len(kernel_size)
     if len(input_shape) != d + 2:
-        raise ValueError(
-            f"Expected a batched input of {d + 2} dims (N, C, *spatial), got shape {tuple(input_shape)}."
-        )
+        raise ValueError(f"Expected a batched input of {d + 2} dims (N, C, *spatial), got shape {tuple(input_shape)}.")
     batch, channels, *spatial = (int(s) for s in input_shape)
     if channels != in_channels:
         raise ValueError(
@@ -177,10 +175,7 @@ def conv_geometry(
     if padding == "valid":
         pads = tuple((0, 0) for _ in range(d))
     elif padding == "same":
-        pads = tuple(
-            (dil * (k - 1) // 2, dil * (k - 1) - dil * (k - 1) // 2)
-            for k, dil in zip(kernel_size, dilation)
-        )
+        pads = tuple((dil * (k - 1) // 2, dil * (k - 1) - dil * (k - 1) // 2) for k, dil in zip(kernel_size, dilation))
     else:
         assert not isinstance(padding, str), padding
         pads = tuple((p, p) for p in padding)
@@ -196,10 +191,7 @@ def conv_geometry(
                 )
 
     padded = tuple(s + left + right for s, (left, right) in zip(spatial, pads))
-    out = tuple(
-        output_size(s, k, st, 0, dil)
-        for s, k, st, dil in zip(padded, kernel_size, stride, dilation)
-    )
+    out = tuple(output_size(s, k, st, 0, dil) for s, k, st, dil in zip(padded, kernel_size, stride, dilation))
     if any(o < 1 for o in out):
         receptive = tuple(dil * (k - 1) + 1 for k, dil in zip(kernel_size, dilation))
         raise ValueError(
@@ -295,8 +287,7 @@ def conv_spec(
             ndim = 2
     if ndim not in (1, 2, 3):
         raise ValueError(
-            f"Invalid value for `kernel_size`; expected 1, 2 or 3 spatial dimensions, "
-            f"got kernel_size={kernel_size!r}."
+            f"Invalid value for `kernel_size`; expected 1, 2 or 3 spatial dimensions, got kernel_size={kernel_size!r}."
         )
     kernel = check_ntuple(kernel_size, ndim, "kernel_size")
     strides = check_ntuple(stride, ndim, "stride")
@@ -309,22 +300,18 @@ def conv_spec(
             )
         if padding == "same" and any(s != 1 for s in strides):
             raise ValueError(
-                f"padding='same' is not supported for strided convolutions; expected stride=1, "
-                f"got stride={stride!r}."
+                f"padding='same' is not supported for strided convolutions; expected stride=1, got stride={stride!r}."
             )
         pad: tuple[int, ...] | str = padding
     else:
         pad = check_ntuple(padding, ndim, "padding", minimum=0)
     if padding_mode not in PADDING_MODES:
         raise ValueError(
-            f"Invalid value for `padding_mode`; expected one of {PADDING_MODES}, "
-            f"got padding_mode={padding_mode!r}."
+            f"Invalid value for `padding_mode`; expected one of {PADDING_MODES}, got padding_mode={padding_mode!r}."
         )
     for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
         if channels % groups:
-            raise ValueError(
-                f"`{name}` must be divisible by `groups`; got {name}={channels}, groups={groups}."
-            )
+            raise ValueError(f"`{name}` must be divisible by `groups`; got {name}={channels}, groups={groups}.")
     return ConvSpec(
         in_channels=in_channels,
         out_channels=out_channels,

@@ -98,6 +98,8 @@ class ChunkCost:
     backward: StepCost | None
     method: str  # how it was measured, shown in the plan
     measured_at: float = 0.0  # time.time() of the (last) measurement
+    # seconds per patch of forward and backward at the largest probe (rough: timed while tracked)
+    seconds_per_patch: tuple[float, float | None] | None = None
 
     def describe(self) -> str:
         """How and when it was measured, for the plan."""
@@ -118,7 +120,9 @@ class ChunkCost:
 
         forward = points(self.forward, other.forward)
         assert forward is not None
-        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time())
+        larger = other if other.forward.points[-1][0] > self.forward.points[-1][0] else self
+        timing = larger.seconds_per_patch or self.seconds_per_patch
+        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time(), timing)
 
 
 class _OutputBytes(TorchDispatchMode):
@@ -140,17 +144,28 @@ class _OutputBytes(TorchDispatchMode):
         return out
 
 
+# Trackers of one device take turns between threads; a probe waits at most this long for another
+# thread's (which might itself be waiting for this thread) before bounding the bytes instead.
+_TRACKER_TIMEOUT = 5.0
+
+
 def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[int, str]:
     try:
-        with MemoryTracker(device) as tracker:
+        with MemoryTracker(device, timeout=_TRACKER_TIMEOUT) as tracker:
             fn()
-        return tracker.peak, "measured by the allocator"
+        return tracker.peak, MEASURED
+    except TimeoutError:
+        why = "another thread's MemoryTracker was active"
     except RuntimeError as error:  # e.g. a torch.profiler session is running (CPU tracker)
         if "profiler" not in str(error).lower():
             raise
+        why = "a profiler was running"
     with _OutputBytes() as mode:
         fn()
-    return mode.total, "bounded by summing op outputs (a profiler was running)"
+    return mode.total, f"bounded by summing op outputs ({why}; not reused)"
+
+
+MEASURED = "measured by the allocator"
 
 
 def probe_geometry(geom: ConvGeometry, rows: int) -> ConvGeometry:
@@ -178,7 +193,8 @@ def probe_sizes(device: torch.device, num_patches: int) -> tuple[int, ...]:
 
 def _stand_ins(step: ChunkStep) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Detached parameters (the generator's, then the step's own) and cloned buffers: probing
-    changes nothing the user owns."""
+    changes nothing the user owns.
+    """
     generator = step.generator
     own = list(generator.parameters()) if isinstance(generator, nn.Module) else []
     params = [p.detach().requires_grad_(p.requires_grad) for p in (*own, *step.extras)]
@@ -218,6 +234,7 @@ def measure_step_cost(
     forward_points: list[tuple[int, int]] = []
     backward_points: list[tuple[int, int]] = []
     method = ""
+    timing: list[float | None] = [None, None]
     with forked_rng(device):
         for rows in sizes:
             if limit is not None and len(forward_points) >= 2:
@@ -232,20 +249,27 @@ def measure_step_cost(
             def run_forward(sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows) -> object:
                 return forward_chunks(make_streams(streams, sources, probe), bound(), probe, rows, out_dtype, device)
 
+            started = time.perf_counter()
             with torch.no_grad():
                 peak, method = _measure(device, run_forward)
+            timing = [(time.perf_counter() - started) / rows, None]
             forward_points.append((rows, max(0, peak - out_bytes)))
             if training:
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
 
                 def run_backward(
-                    sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows, grad_y: Tensor = grad_y
+                    sources: list[Tensor] = sources,
+                    probe: ConvGeometry = probe,
+                    rows: int = rows,
+                    grad_y: Tensor = grad_y,
                 ) -> object:
                     chunked = make_streams(streams, sources, probe, grads)
                     return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
 
+                started = time.perf_counter()
                 with torch.enable_grad():
                     peak, _ = _measure(device, run_backward)
+                timing[1] = (time.perf_counter() - started) / rows
                 # the gradient buffers are counted by the plan's fixed costs
                 grad_buffer = sum(t.numel() * dtype.itemsize for t, g in zip(sources, grads) if g)
                 backward_points.append((rows, max(0, peak - grad_buffer)))
@@ -254,6 +278,7 @@ def measure_step_cost(
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
         measured_at=time.time(),
+        seconds_per_patch=(timing[0] or 0.0, timing[1]) if forward_points else None,
     )
 
 
@@ -413,10 +438,13 @@ class ProbedCosts:
         if found is None and not self.training and key == self._key:  # inference: a training measurement's forward
             trained = next((v for k, v in self.cache.items() if k[:4] == self._forward_key and k[4]), None)
             if trained is not None:
-                found = ChunkCost(trained.forward, None, trained.method, trained.measured_at)
+                timing = trained.seconds_per_patch
+                found = ChunkCost(
+                    trained.forward, None, trained.method, trained.measured_at, timing and (timing[0], None)
+                )
         if found is None:
             found = self._probe(step, self.sizes, limit)
-            if len(found.forward.points) == len(self.sizes):  # not cut short by this budget: reusable
+            if len(found.forward.points) == len(self.sizes) and found.method == MEASURED:  # complete, exact: reusable
                 remember(self.cache, key, found)
         return found
 

@@ -87,7 +87,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch._C._autograd import _ProfilerResult
@@ -545,7 +545,7 @@ def _cpu_allocations(result: _ProfilerResult) -> list[tuple[int, int]]:
     while pending:  # pre-order walk, in the order the events were recorded
         event = pending.pop()
         if event.tag == _EventType.Allocation:
-            fields = event.extra_fields
+            fields: Any = event.extra_fields  # an allocation's fields (the union type does not narrow on tag)
             if fields.device.type == "cpu":
                 found.append((event.start_time_ns, fields.ptr, fields.alloc_size))
         pending.extend(event.children[::-1])

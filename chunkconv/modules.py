@@ -71,6 +71,9 @@ class DynamicConv(nn.Module):
             ``"positions"`` (rows ``(B, ndim)``: each output location's window centre in the
             input, in ``[-1, 1]`` as ``grid_sample`` with ``align_corners=False``, in tensor
             dimension order). Default: ``("patches",)``.
+        progress: show progress over the chunks of each call (tqdm when installed); ``None``
+            follows ``chunkconv.set_progress`` (off unless set; ``"auto"`` shows long calls).
+            Default: ``None``.
 
     Shape:
         Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
@@ -111,6 +114,7 @@ class DynamicConv(nn.Module):
         kernel: str = "full",
         kernel_groups: int | None = None,
         inputs: Sequence[str] = ("patches",),
+        progress: bool | None = None,
     ) -> None:
         super().__init__()
         check_generator_callable(generator)
@@ -127,8 +131,10 @@ class DynamicConv(nn.Module):
         )
         self.generator = generator
         # checked now, not at the first forward; kept as attributes (they may change between calls)
-        options = CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs))
-        self.budget, self.chunk_size = options.budget, options.chunk_size
+        options = CallOptions(
+            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+        )
+        self.budget, self.chunk_size, self.progress = options.budget, options.chunk_size, options.progress
         self.allow_batch_coupled, self.path = options.allow_batch_coupled, options.path
         # the kernel form and what the generator receives are fixed at construction (they decide
         # which parameters the layer owns)
@@ -175,6 +181,7 @@ class DynamicConv(nn.Module):
             self.kernel,
             self.kernel_groups,
             self.inputs,
+            self.progress,
         )
         cached = self.__dict__.get("_checked_options")
         if cached is None or cached[0] != current:

@@ -121,6 +121,16 @@ class Plan:
     inputs: tuple[str, ...] = ("patches",)
 
     @property
+    def estimated_seconds(self) -> tuple[float, float | None] | None:
+        """Rough seconds of forward and of backward, from the largest probe's timing (``None`` if not measured)."""
+        timing = self.cost.seconds_per_patch if self.cost is not None else None
+        if timing is None:
+            return None
+        total = self.geometry.num_patches
+        backward = timing[1] * total if self.training and timing[1] is not None else None
+        return timing[0] * total, backward
+
+    @property
     def num_chunks(self) -> int:
         """The number of chunks, ``ceil(num_patches / chunk_size)`` (0 for an empty input)."""
         return math.ceil(self.geometry.num_patches / self.chunk_size) if self.geometry.num_patches else 0
@@ -170,8 +180,7 @@ class Plan:
             items = [f"{name} {b(n)}" for name, n in parts.items() if n]
             if step is not None:
                 items.append(
-                    f"per chunk {b(step.at(self.chunk_size))} "
-                    f"({b(round(step.per_patch))}/patch + {b(step.intercept)})"
+                    f"per chunk {b(step.at(self.chunk_size))} ({b(round(step.per_patch))}/patch + {b(step.intercept)})"
                 )
             lines.append(f"  {title} " + ", ".join(items))
         if self.unchunked_forward is not None:
@@ -179,11 +188,23 @@ class Plan:
             if self.unchunked_training is not None:
                 text += f", training {b(self.unchunked_training)}"
             lines.append(f"  unchunked recipe (all {g.num_patches:,} weights at once) would need ~{text}")
+        seconds = self.estimated_seconds
+        if seconds is not None:
+            text = f"forward ~{_seconds(seconds[0])}"
+            if seconds[1] is not None:
+                text += f", backward ~{_seconds(seconds[1])}"
+            lines.append(
+                f"  time     {text} (rough, on the high side: the largest probe, timed while its memory was measured)"
+            )
         if self.minimum_budget is not None:
             lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
         if self.cost is not None:
             lines.append(f"  generator cost {self.cost.describe()}")
         return "\n".join(lines)
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 0.95 else f"{s:.1f} s"
 
 
 @dataclass(frozen=True)

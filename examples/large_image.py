@@ -95,34 +95,18 @@ def _forum_recipe(size: int, channels: int, hidden: int, extra: int, queue) -> N
 
 
 class Progress:
-    """Prints what the demo is doing and how long it has run, and how far each pass has got.
+    """Prints what the demo is doing and how long it has run.
 
-    chunkconv has no progress callback yet; the demo counts the patches its generator's first
-    layer sees (a forward hook), which is how many the current pass has processed.
+    Within each pass, chunkconv itself shows progress over the chunks (``set_progress("auto")``
+    below: calls estimated to take a few seconds or more; a tqdm bar when tqdm is installed, a
+    line on stderr otherwise).
     """
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.stage, self.total, self.done, self.next_mark = "", 0, 0, 0.25
 
     def say(self, text: str) -> None:
         print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
-
-    def begin(self, stage: str, total: int) -> None:
-        self.stage, self.total, self.done, self.next_mark = stage, total, 0, 0.25
-        self.say(f"{stage}: started")
-
-    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not self.stage:
-            return
-        self.done += inputs[0].shape[0]
-        while self.next_mark < 1 and self.done >= self.next_mark * self.total:
-            self.say(f"{self.stage}: {self.next_mark:.0%} of the {self.total:,} patches")
-            self.next_mark += 0.25
-
-    def end(self) -> None:
-        self.say(f"{self.stage}: done")
-        self.stage = ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     progress = Progress()
+    chunkconv.set_progress("auto")  # progress over the chunks of long calls
     size, channels = args.size, args.channels
     patches = size * size
     weights = patches * channels * channels * 9 * 4
@@ -153,10 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     generator, layer = make_layer(channels, args.hidden, args.budget)
     x = built_in_image(size, channels).requires_grad_()
-    # progress: count the patches the generator's first layer sees (hooked before planning: a plan is
-    # cached for the generator as it is, hooks included, and the call below reuses it)
-    first_layer = next(m for m in generator.modules() if isinstance(m, nn.Linear))
-    first_layer.register_forward_hook(progress.hook)
     plan = layer.plan(x)  # runs nothing of this size
     progress.say("chunkconv: planned (the plan is printed below)")
     print(
@@ -193,14 +174,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    progress.begin(f"chunkconv forward, {plan.num_chunks} chunks", patches)
+    progress.say(f"chunkconv forward, {plan.num_chunks} chunks of {plan.chunk_size:,} patches: started")
     with MemoryTracker("cpu") as forward:  # every allocation torch makes inside the block
         y = layer(x)
-    progress.end()
-    progress.begin("chunkconv backward (recomputes each chunk)", patches)
+    progress.say("chunkconv forward: done; backward (recomputes each chunk): started")
     with MemoryTracker("cpu") as backward:
         y.square().mean().backward()
-    progress.end()
+    progress.say("chunkconv backward: done")
     elapsed = time.perf_counter() - start
     # the whole step's allocator peak: what forward still held at its end (the output, what autograd
     # saved), plus backward's peak above that

@@ -107,3 +107,25 @@ def test_suggested_budget_is_enough_and_short(nbytes):
     assert parse_budget(text) >= nbytes
     assert len(re.sub(r"[^0-9]", "", text)) <= 4
     assert parse_budget(text) <= nbytes * 1.011 + 1
+
+
+def test_plan_takes_kernel_forms_and_side_inputs(capsys):
+    from chunkconv.__main__ import main
+
+    code = main(["plan", "--input", "1x8x64x64", "--kernel-size", "5", "--padding", "same", "--kernel", "shared",
+                 "--kernel-groups", "2", "--inputs", "features", "--features", "12", "--budget", "64MB"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "25-entry depthwise kernels" not in out and "50-entry depthwise kernels" in out
+    assert "the generator receives features" in out and "features gradient" in out
+    code = main(["plan", "--input", "1x3x32x32", "--kernel-size", "3", "--padding", "1", "--out-channels", "6",
+                 "--kernel", "modulated", "--inputs", "guide,patches", "--guide", "1", "--budget", "64MB"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "9 scalars each, scaling a static weight of 162 entries" in out
+    assert "the generator receives guide, patches" in out
+
+
+def test_plan_side_input_flags_go_together():
+    from chunkconv.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--input", "1x3x32x32", "--kernel-size", "3", "--inputs", "features"])

@@ -221,7 +221,7 @@ def test_command_line_plan():
          "--kernel-size", "3", "--budget", "10kB"],
         capture_output=True, text=True, timeout=120,
     )
-    assert bad.returncode == 2 and "smallest budget that fits" in bad.stderr
+    assert bad.returncode == 2 and "Rerun with --budget" in bad.stderr  # advice in CLI terms (issue 12)
 
 
 def test_plan_cache_follows_changes_to_the_generator():

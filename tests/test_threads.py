@@ -112,3 +112,19 @@ def test_binding_never_modifies_the_module():
     # the running statistics were updated on the stand-ins, not on the module's buffers
     assert torch.equal(gen[1].running_mean, torch.zeros(4, dtype=F64))
     assert not torch.equal(stand_ins["1.running_mean"], before["1.running_mean"] + 1)
+
+
+def test_planning_in_a_worker_while_the_caller_holds_a_tracker_does_not_hang(monkeypatch):
+    # trackers take turns between threads; a probe waiting on a thread that waits on it would
+    # deadlock, so it gives up after a while and bounds the bytes instead (not cached)
+    monkeypatch.setattr(chunkconv.measure, "_TRACKER_TIMEOUT", 0.2)
+    conv = _layer()
+    conv.chunk_size = None
+    out = []
+    with chunkconv.MemoryTracker():
+        worker = threading.Thread(target=lambda: out.append(conv.plan((1, 4, 9, 9))))
+        worker.start()
+        worker.join(timeout=60)
+    assert not worker.is_alive() and out
+    assert "bounded by summing op outputs" in str(out[0])
+    assert "measured by the allocator" in str(conv.plan((1, 4, 9, 9)))  # the bound was not cached

@@ -43,7 +43,6 @@ from . import MAX_HIDDEN, fallback, interpreting, tf32_allowed
 __all__ = ["TritonContract", "contract_backward", "contract_forward"]
 
 
-
 def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BB": bb, "BP": bp, "BN": bn}, num_warps=w, num_stages=3)
@@ -339,7 +338,8 @@ def contract_backward(
     meta = _common(x, weight, geom)
     gx = gh = gw = gc = None
     if rows == 0:
-        return tuple(torch.zeros_like(t) if n and t is not None else None for t, n in zip((x, h, weight, bias), needs))
+        z = [torch.zeros_like(t) if n and t is not None else None for t, n in zip((x, h, weight, bias), needs)]
+        return z[0], z[1], z[2], z[3]
     blocks = _row_blocks(x, h, gy)
     if needs[0]:
         gx = torch.empty_like(x)
@@ -381,6 +381,7 @@ def contract_backward(
                 rows_bucket(n), **meta,
             )  # fmt: skip
             gw_acc = partial.sum(0) if gw_acc is None else gw_acc.add_(partial.sum(0))
+        assert gw_acc is not None
         gw = gw_acc.to(weight.dtype)
     if needs[3] and bias is not None:
         gc = torch.einsum("bgo,bgp->gop", gy.view(rows, g, og), x.view(rows, g, pg)).reshape(-1).to(bias.dtype)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -161,12 +161,14 @@ def torch_contract_backward(
     """The kernels' gradients of ``x``, ``h``, ``W`` and ``c`` (those ``needs`` asks for), by PyTorch autograd."""
     inputs = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip((x, h, weight, bias), needs)]
     wanted = [t for t in inputs if t is not None and t.requires_grad]
-    grads = iter(())
+    grads: Iterator[Tensor | None] = iter(())
     if wanted:
         with torch.enable_grad():
-            y = torch_contract(*inputs, geom)  # type: ignore[arg-type]
+            xs, hs, ws, cs = inputs
+            assert xs is not None and hs is not None and ws is not None
+            y = torch_contract(xs, hs, ws, cs, geom)
             grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
-    out = []
+    out: list[Tensor | None] = []
     for t in inputs:
         if t is None or not t.requires_grad:
             out.append(None)
