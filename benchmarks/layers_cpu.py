@@ -47,6 +47,7 @@ from .runner import machine_info
 __all__ = ["LayerCase", "LayerSettings", "measure_layer_case", "run_layers"]
 
 METHODS = ("direct", "chunkconv")
+_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 DEFAULT_LIMIT = 4 * 2**30
 
 
@@ -211,6 +212,8 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
         "isolated": settings.isolate,
         "note": settings.note,
         "machine": machine_info("cpu"),
+        # OpenMP's waiting policy decides how chunkconv's many small ops fare on a loaded machine
+        "environment": {k: os.environ[k] for k in _ENV if k in os.environ},
         "measurements": [],
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -321,6 +321,13 @@ def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
         "",
         *([_LAYERS_INTRO] if intro else []),
         *_machine_lines(doc),
+        "- **Environment**: "
+        + (
+            ", ".join(f"`{k}={v}`" for k, v in doc["environment"].items())
+            if doc.get("environment")
+            else "no OpenMP variables set (OpenMP threads spin-wait between parallel regions, the default)"
+        )
+        + ".",
         "",
         "| layer | image | shape | direct time | direct peak | chunkconv time | chunkconv peak | time ratio "
         "| peak ratio | chunkconv budget: plan |",
