@@ -72,7 +72,7 @@ class LayerCase:
 
 def _empty() -> dict:
     return {"status": "ok", "message": None, "first_s": None, "times_s": [], "median_s": None, "warm": None,
-            "peak_bytes": None, "rss_peak_bytes": None, "info": {}}  # fmt: skip
+            "peak_bytes": None, "memory_message": None, "rss_peak_bytes": None, "info": {}}  # fmt: skip
 
 
 def _failure(error: BaseException) -> tuple[str, str]:
@@ -94,8 +94,10 @@ def measure_layer_case(case: LayerCase) -> dict:
     """Time and peak memory of each method of ``case``, forward+backward; failures are results.
 
     Returns ``{"status", "methods": {method: {status, message, first_s, times_s, median_s, warm,
-    peak_bytes, rss_peak_bytes, info}}}``; ``status`` is ``"oom"`` when a method ran out of memory
-    (so that an isolating worker replaces its process), else ``"ok"``.
+    peak_bytes, memory_message, rss_peak_bytes, info}}}``; ``status`` is ``"oom"`` when a method
+    ran out of memory (so that an isolating worker replaces its process), else ``"ok"``. A call that
+    fails only inside the memory tracker keeps its times, with ``peak_bytes=None`` and the reason
+    in ``memory_message``.
     """
     wl, dtype = case.workload, getattr(torch, case.dtype)
     torch.manual_seed(case.seed)
@@ -151,13 +153,21 @@ def measure_layer_case(case: LayerCase) -> dict:
         r["times_s"] = r["times_s"] or [r["first_s"]]
         r["median_s"] = statistics.median(r["times_s"])
         rss_start = _reset_hwm()
-        with MemoryTracker("cpu") as tracker:
-            step(method)
+        try:
+            with MemoryTracker("cpu") as tracker:  # its profiler keeps an event per op and allocation
+                step(method)
+        except Exception as error:  # the times stand; the peak is unknown
+            r["memory_message"] = "{}: {}".format(*_failure(error))
+            for leaf in leaves:
+                leaf.grad = None
+            gc.collect()
+            continue
         hwm = _read_hwm()
         r["peak_bytes"] = tracker.peak
         if hwm is not None and rss_start is not None:
             r["rss_peak_bytes"] = max(0, hwm - rss_start)
-    status = "oom" if any(r["status"] == "oom" for r in results.values()) else "ok"
+    failed = any(r["status"] == "oom" or r["memory_message"] for r in results.values())
+    status = "oom" if failed else "ok"
     return {"status": status, "message": None, "methods": results}
 
 
@@ -243,7 +253,7 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
                 record["methods"].update(measure(LayerCase(wl, ("direct",), 0, settings.max_seconds)))
                 record["direct_attempt"] = "once under the cap"
             direct = record["methods"]["direct"]
-            if direct["status"] == "ok" and wl.layer not in measured:
+            if direct["status"] == "ok" and direct["peak_bytes"] is not None and wl.layer not in measured:
                 measured[wl.layer] = (wl, direct["peak_bytes"])
             doc["measurements"].append(record)
             _write(out, doc)
@@ -261,7 +271,8 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
 def _summary(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['status']} ({r.get('message')})"
-    return f"{r['median_s'] * 1e3:.0f} ms / {format_bytes(r['peak_bytes'])}"
+    peak = format_bytes(r["peak_bytes"]) if r["peak_bytes"] is not None else f"peak unknown ({r['memory_message']})"
+    return f"{r['median_s'] * 1e3:.0f} ms / {peak}"
 
 
 def main_layers(args) -> int:

@@ -276,7 +276,13 @@ def render_run(doc: dict, image: str | None = None, *, level: int = 2) -> str:
 def _layer_cells(r: dict, limit: int, predicted: int | None) -> tuple[str, str]:
     """Time and peak cells of one method of a layer record."""
     if r["status"] == "ok":
-        return f"{fmt_time(r['median_s'])}" + ("" if r.get("warm") else " (1 cold call)"), _fmt_bytes(r["peak_bytes"])
+        peak = (
+            _fmt_bytes(r["peak_bytes"])
+            if r["peak_bytes"] is not None
+            else "not measured (the tracker "
+            + ("ran out of memory)" if str(r.get("memory_message")).startswith("oom") else "failed)")
+        )
+        return f"{fmt_time(r['median_s'])}" + ("" if r.get("warm") else " (1 cold call)"), peak
     need = f"needs ~{_fmt_bytes(predicted)} (extrapolated)" if predicted else ""
     if r["status"] == "oom":
         return f"out of memory under the {_fmt_bytes(limit)} cap", need
@@ -339,12 +345,14 @@ def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
         dt_, dp = _layer_cells(direct, limit, predicted)
         ct, cp = _layer_cells(chunked, limit, None)
         time_ratio = peak_ratio = "-"
+        chunk_peak = chunked["peak_bytes"] if chunked["status"] == "ok" else None
         if chunked["status"] == "ok" and direct["status"] == "ok":
             fastest = min(chunked["times_s"]) / min(direct["times_s"])
             time_ratio = f"{chunked['median_s'] / direct['median_s']:.2f}x ({fastest:.2f}x)"
-            peak_ratio = f"{chunked['peak_bytes'] / direct['peak_bytes']:.3f}x"
-        elif chunked["status"] == "ok" and predicted:
-            peak_ratio = f"{chunked['peak_bytes'] / predicted:.3f}x est."
+            if chunk_peak is not None and direct["peak_bytes"] is not None:
+                peak_ratio = f"{chunk_peak / direct['peak_bytes']:.3f}x"
+        elif chunk_peak is not None and predicted:
+            peak_ratio = f"{chunk_peak / predicted:.3f}x est."
         plan = chunked.get("info", {}).get("plan_summary", "") if chunked["status"] == "ok" else chunked.get("message")
         size = f"{wl['size']}x{wl['size']}"
         shape = wl["describe"].replace(f" {size}", "")
