@@ -47,6 +47,10 @@ from .runner import machine_info
 __all__ = ["LayerCase", "LayerSettings", "measure_layer_case", "run_layers"]
 
 METHODS = ("direct", "chunkconv")
+# Above this many pixels chunkconv's peak is the resident set's: MemoryTracker's CPU profiler keeps
+# an event per op and per allocation, and chunkconv's thousands of ops per chunk over hundreds of
+# chunks made the tracker itself run out of a 4 GiB cap (psf at 2048 x 2048).
+TRACKED_PIXELS = 1024 * 1024
 _ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 DEFAULT_LIMIT = 4 * 2**30
 
@@ -61,6 +65,7 @@ class LayerCase:
     max_seconds: float = 60.0
     dtype: str = "float32"
     seed: int = 0
+    track: bool = True  # peak by MemoryTracker; else only the process's peak resident set
 
     def key(self) -> str:
         return f"{self.workload.name} ({self.workload.describe()}): {', '.join(self.methods)}"
@@ -97,7 +102,8 @@ def measure_layer_case(case: LayerCase) -> dict:
     peak_bytes, memory_message, rss_peak_bytes, info}}}``; ``status`` is ``"oom"`` when a method
     ran out of memory (so that an isolating worker replaces its process), else ``"ok"``. A call that
     fails only inside the memory tracker keeps its times, with ``peak_bytes=None`` and the reason
-    in ``memory_message``.
+    in ``memory_message``. Without ``case.track`` the memory call runs untracked and only
+    ``rss_peak_bytes`` (the peak resident set above its start) is known.
     """
     wl, dtype = case.workload, getattr(torch, case.dtype)
     torch.manual_seed(case.seed)
@@ -153,20 +159,25 @@ def measure_layer_case(case: LayerCase) -> dict:
         r["times_s"] = r["times_s"] or [r["first_s"]]
         r["median_s"] = statistics.median(r["times_s"])
         rss_start = _reset_hwm()
-        try:
-            with MemoryTracker("cpu") as tracker:  # its profiler keeps an event per op and allocation
-                step(method)
-        except Exception as error:  # the times stand; the peak is unknown
-            r["memory_message"] = "{}: {}".format(*_failure(error))
-            for leaf in leaves:
-                leaf.grad = None
-            gc.collect()
-            continue
+        if case.track:
+            try:
+                with MemoryTracker("cpu") as tracker:  # its profiler keeps an event per op and allocation
+                    step(method)
+                r["peak_bytes"] = tracker.peak
+            except Exception as error:  # the times stand; the peak is unknown
+                r["memory_message"] = "{}: {}".format(*_failure(error))
+                for leaf in leaves:
+                    leaf.grad = None
+                gc.collect()
+                continue
+        else:
+            step(method)
+            r["memory_message"] = "not tracked: the peak is the resident set's"
         hwm = _read_hwm()
-        r["peak_bytes"] = tracker.peak
         if hwm is not None and rss_start is not None:
             r["rss_peak_bytes"] = max(0, hwm - rss_start)
-    failed = any(r["status"] == "oom" or r["memory_message"] for r in results.values())
+    lost = any(r["status"] == "ok" and r["peak_bytes"] is None and case.track for r in results.values())
+    failed = lost or any(r["status"] == "oom" for r in results.values())
     status = "oom" if failed else "ok"
     return {"status": status, "message": None, "methods": results}
 
@@ -244,12 +255,14 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
     try:
         for i, wl in enumerate(chosen, 1):
             predicted = _predicted_direct(wl, measured)
+            track = wl.batch * wl.size**2 <= TRACKED_PIXELS
             record: dict = {"workload": wl.as_dict(), "direct_predicted_bytes": predicted}
             if predicted is None or predicted <= limit:
-                record["methods"] = measure(LayerCase(wl, METHODS, settings.repeats, settings.max_seconds))
+                record["methods"] = measure(LayerCase(wl, METHODS, settings.repeats, settings.max_seconds, track=track))
                 record["direct_attempt"] = "measured"
             else:  # chunkconv alone, then one direct call under the cap
-                record["methods"] = measure(LayerCase(wl, ("chunkconv",), settings.repeats, settings.max_seconds))
+                chunked = LayerCase(wl, ("chunkconv",), settings.repeats, settings.max_seconds, track=track)
+                record["methods"] = measure(chunked)
                 record["methods"].update(measure(LayerCase(wl, ("direct",), 0, settings.max_seconds)))
                 record["direct_attempt"] = "once under the cap"
             direct = record["methods"]["direct"]

@@ -159,3 +159,13 @@ def test_a_direct_implementation_over_the_cap_is_tried_once_and_reads_out_of_mem
     assert large["methods"]["chunkconv"]["status"] == "ok", large["methods"]["chunkconv"]  # 64 MB budget
     page = render_layers_run(doc)
     assert "out of memory under the 160.00 MiB cap" in page and "(extrapolated)" in page
+
+
+def test_an_untracked_case_reports_the_resident_set():
+    from benchmarks.layers_cpu import LayerCase
+
+    wl = workloads(("psf",), quick=True, sizes=(16,))[0]
+    result = LayerCase(wl, ("chunkconv",), repeats=1, track=False).run()
+    r = result["methods"]["chunkconv"]
+    assert result["status"] == "ok" and r["status"] == "ok" and r["median_s"] > 0
+    assert r["peak_bytes"] is None and r["rss_peak_bytes"] is not None and r["memory_message"].startswith("not tracked")
