@@ -324,7 +324,7 @@ def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
     threads = doc["machine"].get("torch_threads")
     out = [
         f"{h} Layers against their direct implementations: CPU, float32, fwd+bwd, {threads} thread"
-        f"{'s' if threads != 1 else ''}, {doc['date'][:10]}",
+        f"{'s' if threads != 1 else ''}, {doc['date'][:10]} {doc['date'][11:16]} UTC",
         "",
         *([_LAYERS_INTRO] if intro else []),
         *_machine_lines(doc),
@@ -361,16 +361,17 @@ def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
             f"| {wl['layer']} | {size} | {shape} | {dt_} | {dp} | {ct} | {cp} | {time_ratio} | {peak_ratio} "
             f"| {wl['budget']}: {plan} |"
         )
-    out += [
-        "",
-        "Ratios are chunkconv / direct (below 1: chunkconv is faster / smaller); times are medians of "
-        "calls alternating between the two in one process, and the time ratio in parentheses is that of "
-        "the fastest calls (the least disturbed by other load). Where the direct implementation did not "
-        "fit, its need is the peak measured at the smaller size scaled by the number of pixels, and "
-        'the peak ratio is against that ("est."). Beyond 1024 x 1024 pixels chunkconv\'s peak is the measuring '
-        "process's peak resident set above the call's start (MemoryTracker's profiler would itself need GBs "
-        "for that many ops), which also counts the C allocator's overhead.",
-    ]
+    if intro:
+        out += [
+            "",
+            "Ratios are chunkconv / direct (below 1: chunkconv is faster / smaller); times are medians of "
+            "calls alternating between the two in one process, and the time ratio in parentheses is that of "
+            "the fastest calls (the least disturbed by other load). Where the direct implementation did not "
+            "fit, its need is the peak measured at the smaller size scaled by the number of pixels, and "
+            'the peak ratio is against that ("est."). Beyond 1024 x 1024 pixels chunkconv\'s peak is the measuring '
+            "process's peak resident set above the call's start (MemoryTracker's profiler would itself need GBs "
+            "for that many ops), which also counts the C allocator's overhead.",
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -393,6 +394,11 @@ pixel is made by `Linear(P, hidden) -> ReLU -> Linear(hidden, out * P)` from tha
 - **einsum+checkpoint**: the einsum recipe under `torch.utils.checkpoint` (what a user tries
   next; without gradients it is the einsum recipe).
 - **static conv**: `nn.Conv2d` of the same shape with a fixed kernel: the floor.
+
+The sections "Layers against their direct implementations" measure something else: five published
+layers (kernel prediction, pixel-adaptive convolution, a lens PSF, involution, DCNv2's mask)
+through chunkconv's `kernel=` and `inputs=`, against their authors' own unfold-based code
+(`python -m benchmarks layers`; layers and shapes in `benchmarks/layers.py`).
 
 How it is measured (`python -m benchmarks`, code in `benchmarks/`):
 
