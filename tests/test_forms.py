@@ -41,7 +41,9 @@ def form_cases(draw):
     if kernel == "shared":  # depthwise: out = in channels, groups=1
         kwargs.update(out_channels=spec.in_channels, groups=1)
         spec = conv_spec(spec.ndim, in_channels=spec.in_channels, **kwargs)
-        kernel_groups = draw(st.sampled_from([g for g in (1, 2, 4) if spec.in_channels % g == 0]), label="kernel_groups")
+        kernel_groups = draw(
+            st.sampled_from([g for g in (1, 2, 4) if spec.in_channels % g == 0]), label="kernel_groups"
+        )
     kinds = draw(st.lists(st.sampled_from(["patches", "features", "guide", "positions"]), min_size=1, max_size=4,
                           unique=True), label="inputs")  # fmt: skip
     return case, spec, kwargs, kernel, kernel_groups, tuple(kinds)
@@ -176,11 +178,22 @@ def test_positions_are_window_centres_normalised_like_grid_sample():
 @pytest.mark.parametrize(
     "kwargs, side, message",
     [
-        (dict(inputs=("features",)), {}, r"inputs=\('features',\) gives the generator `features`, but .* got no `features=`"),
+        (
+            dict(inputs=("features",)),
+            {},
+            r"inputs=\('features',\) gives the generator `features`, but .* got no `features=`",
+        ),
         (dict(), {"guide": torch.zeros(1, 1, 6, 6)}, r"got `guide=` but inputs=\('patches',\) does not give it"),
-        (dict(inputs=("features",)), {"features": torch.zeros(1, 3, 5, 6)},
-         r"Invalid shape for `features` .*expected \(1, 'F', 6, 6\)"),
-        (dict(inputs=("guide",)), {"guide": torch.zeros(2, 3, 6, 6)}, r"Invalid shape for `guide` .*expected \(1, 'G', 6, 6\)"),
+        (
+            dict(inputs=("features",)),
+            {"features": torch.zeros(1, 3, 5, 6)},
+            r"Invalid shape for `features` .*expected \(1, 'F', 6, 6\)",
+        ),
+        (
+            dict(inputs=("guide",)),
+            {"guide": torch.zeros(2, 3, 6, 6)},
+            r"Invalid shape for `guide` .*expected \(1, 'G', 6, 6\)",
+        ),
         (dict(kernel="shared", kernel_groups=3), {}, r"`kernel_groups`; expected an int >= 1 dividing in_channels=2"),
         (dict(kernel="shared"), {}, r"out_channels must equal in_channels"),
         (dict(kernel="bent"), {}, r"Invalid value for `kernel`"),
