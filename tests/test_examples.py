@@ -41,7 +41,7 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 
 def test_every_example_has_a_smoke_test():
-    tested = {"large_image", "denoiser", "familiar_layers", "training_budget"}
+    tested = {"large_image", "denoiser", "familiar_layers", "training_budget", "guided_upsampling", "spatially_varying_blur"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -127,6 +127,78 @@ def test_denoiser_generator_returns_softmax_kernels():
     assert weights.shape == (10, 3, 1, 5, 5)
     assert torch.allclose(weights.sum((-1, -2)), torch.ones(10, 3, 1), atol=1e-6)
     assert (weights >= 0).all() and torch.equal(weights[:, 0], weights[:, 2])
+
+
+def test_guided_upsampling_sharpens_edges(tmp_path, capsys):
+    results = load_example("guided_upsampling").main(["--smoke", "--out", str(tmp_path)])
+    # the guide is what makes the difference: the PAC beats bilinear, most of all at the edges
+    for pac in ("pac_untrained", "pac"):
+        assert results[f"rmse_{pac}"] < results["rmse_bilinear"], results
+        assert results[f"edge_rmse_{pac}"] < 0.9 * results["edge_rmse_bilinear"], results
+        assert results[f"psnr_{pac}"] > results["psnr_bilinear"], results
+    assert (tmp_path / "guided_upsampling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    for row in ("bilinear", "plain conv", "PAC untrained", "PAC trained"):
+        assert re.search(rf"^  {row}.* dB", out, re.M), (row, out)
+
+
+def test_guided_upsampling_pac_is_a_joint_bilateral_filter():
+    import torch
+
+    example = load_example("guided_upsampling")
+    model = example.PacUpsampler(factor=2, kernel_size=5)
+    assert model.pac.kernel == "modulated" and model.pac.inputs == ("guide",)
+    affinity = model.pac.generator(torch.rand(7, 3 * 25))
+    assert affinity.shape == (7, 5, 5) and torch.allclose(affinity.sum((-1, -2)), torch.ones(7), atol=1e-6)
+    # a flat low-resolution depth stays flat whatever the guide (the weights sum to one)
+    low = torch.full((1, 1, 6, 6), 0.3)
+    out = model(low, torch.rand(1, 3, 12, 12))
+    torch.testing.assert_close(out, torch.full((1, 1, 12, 12), 0.3))
+    # a depth edge where the guide has a colour edge: the guided filter does not blur across it
+    guide = torch.zeros(1, 3, 12, 12)
+    guide[..., 5:] = 1.0
+    depth = torch.zeros(1, 1, 12, 12)
+    depth[..., 5:] = 1.0
+    with torch.no_grad():
+        sharpened = model(example.downsample(depth, 2), guide)
+    blurred = example.bilinear(example.downsample(depth, 2), 2)
+    # bilinear: a ramp 0.125, 0.375, 0.625, 0.875; guided: a step at the right place
+    assert sharpened[..., 5].min() - sharpened[..., 4].max() > 2 * (blurred[..., 5] - blurred[..., 4]).max()
+    assert (sharpened - depth).abs().max() < 0.6 * (blurred - depth).abs().max()
+
+
+def test_spatially_varying_blur(tmp_path, capsys):
+    results = load_example("spatially_varying_blur").main(["--smoke", "--out", str(tmp_path)])
+    # the forward model ran in chunks under its budget, far below what the unfold alone would take
+    assert results["blur_peak"] < results["unfold_bytes"] / 2, results
+    for key in ("mlp", "invariant"):
+        assert 0 <= results[f"psf_error_{key}"] < 1 and results[f"psnr_{key}"] > 20, results
+    for name in ("spatially_varying_blur.png", "spatially_varying_blur_psfs.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "chunkconv plan: inference" in out and "the generator receives positions" in out, out
+
+
+def test_spatially_varying_blur_lens_model():
+    import torch
+
+    example = load_example("spatially_varying_blur")
+    psf = example.LensPSF(15)
+    centre, edge, corner = psf(torch.tensor([[0.0, 0.0], [0.0, 0.9], [-0.9, -0.9]]))
+    assert torch.allclose(torch.stack([centre, edge, corner]).sum((-1, -2)), torch.ones(3, 3))
+
+    def spread(kernel, axis):  # second moment of a (k, k) kernel along rows (0) or columns (1)
+        r = torch.arange(15.0) - 7
+        return (kernel.sum(1 - axis) * r**2).sum()
+
+    assert spread(corner[1], 0) > 2 * spread(centre[1], 0)  # wider towards the corners
+    assert spread(edge[1], 1) > 1.5 * spread(edge[1], 0)  # on the right edge: stretched along the radius (columns)
+    assert spread(corner[0], 0) > spread(corner[2], 0)  # red blurs more than blue
+    # stacking images along the channels (the generator runs once per pixel) changes nothing
+    images = torch.rand(3, 3, 20, 20)
+    blur = example.lens_blur(example.LensPSF(5), 5)
+    with torch.no_grad():
+        torch.testing.assert_close(example.blur_stacked(blur, images), blur(images))
 
 
 def test_familiar_layers_match_their_authors_code(capsys):
