@@ -15,7 +15,8 @@ With chunkconv that is one layer:
   exactly like the depth (``guide=`` is the high-resolution colour image);
 * the generator computes Gaussian affinities ``exp(-||s * (g_tap - g_centre)||^2 / 2)`` with a
   learnable scale ``s`` per colour channel and normalises them over the taps (PAC's
-  ``normalize_kernel``), so the untrained layer is a joint bilateral filter.
+  ``normalize_kernel``), so the untrained layer is a joint bilateral filter (with a box as its
+  spatial kernel).
 
 The script makes synthetic scenes (a slanted background and a few nearer slanted objects; the
 guide paints each object in its own colour, some with stripes that are not in the depth, plus a
@@ -26,14 +27,14 @@ held-out scenes, by RMSE (overall and within 2 pixels of a depth edge) and PSNR:
 * a plain (static) convolution that sees the upsampled depth *and* the guide as input channels,
   trained like the PAC (a residual correction of the bilinear depth);
 * the PAC layer untrained (a joint bilateral filter with hand-set widths);
-* the PAC layer trained for a few hundred steps (its spatial weight and colour scales).
+* the PAC layer trained briefly (120 steps by default: its spatial weight and colour scales).
 
 A static filter cannot put a boundary where the guide says without also blurring elsewhere; the
 PAC's weights change at every pixel. PNGs of the guide, the low-resolution depth, each result,
 the ground truth and the error maps go to ``--out`` (if matplotlib is installed).
 
-    python examples/guided_upsampling.py            # about 1 min on 2 CPU cores
-    python examples/guided_upsampling.py --smoke    # seconds: a smoke test
+    python examples/guided_upsampling.py            # under 1 min on 2 CPU cores
+    python examples/guided_upsampling.py --smoke    # seconds: a smoke test (--quick is the same)
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def psnr(estimate: Tensor, truth: Tensor) -> float:
 class GuideAffinity(nn.Module):
     """The PAC generator: guide patch (B, 3 * k * k) -> normalised Gaussian affinities (B, k, k).
 
-    ``exp(-||s * (g_tap - g_centre)||^2 / 2)`` summed over the colour channels, with a learnable
-    scale ``s`` per channel (1 / the colour difference that halves... roughly, the edge contrast
-    the layer treats as a boundary), normalised to sum to one over the taps.
+    ``exp(-||s * (g_tap - g_centre)||^2 / 2)``, the norm over the colour channels, with a
+    learnable scale ``s`` per channel (``1 / s`` is the colour difference, about, that the layer
+    starts to treat as a boundary; it starts at 0.1), normalised to sum to one over the taps.
     """
 
     def __init__(self, guide_channels: int, kernel_size: int, colour_sigma: float = 0.1) -> None:

@@ -32,8 +32,8 @@ of its own position (for a slowly varying PSF the usual approximation of the *sc
 which each source point spreads with its own PSF). The Gaussians are centrosymmetric, so
 correlation (what a convolution layer computes) and convolution agree.
 
-    python examples/spatially_varying_blur.py            # about 1 min on 2 CPU cores
-    python examples/spatially_varying_blur.py --smoke    # seconds: a smoke test
+    python examples/spatially_varying_blur.py            # 1-2 min on 2 CPU cores
+    python examples/spatially_varying_blur.py --smoke    # seconds: a smoke test (--quick is the same)
 """
 
 from __future__ import annotations
