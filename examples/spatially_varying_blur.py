@@ -374,9 +374,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results[f"psnr_{key}"] = psnr(reblurred[name], truth)
         print(f"   {name:26s} {results[f'psf_error_{key}']:9.3f} {results[f'psnr_{key}']:10.2f} dB"
               f"  (fitted in {seconds[name]:.0f} s)")  # fmt: skip
-    print(f"   (PSF error: the mean total-variation distance to the true PSF, 0 = equal, 1 = disjoint, over a "
-          f"9 x 9 grid of positions up to {args.extent:.2f}, where the fitting images' windows lie inside them; "
-          "re-blur PSNR: the fitted blur of held-out images against the true one)")
+    print(
+        f"   (PSF error: the mean total-variation distance to the true PSF, 0 = equal, 1 = disjoint, over a "
+        f"9 x 9 grid of positions up to {args.extent:.2f}, where the fitting images' windows lie inside them; "
+        "re-blur PSNR: the fitted blur of held-out images against the true one)"
+    )
 
     if args.no_plots:
         return results

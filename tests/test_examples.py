@@ -41,7 +41,14 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 
 def test_every_example_has_a_smoke_test():
-    tested = {"large_image", "denoiser", "familiar_layers", "training_budget", "guided_upsampling", "spatially_varying_blur"}
+    tested = {
+        "large_image",
+        "denoiser",
+        "familiar_layers",
+        "training_budget",
+        "guided_upsampling",
+        "spatially_varying_blur",
+    }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
