@@ -34,7 +34,11 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
     )
     assert result.returncode == 0, f"{name}.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -72,7 +76,9 @@ def test_large_image_script():
     assert "forum recipe, capped at 0.02 GiB of extra address space: out of memory" in out, out
     # the plan is printed before chunkconv runs, and says what the unchunked computation would need
     assert out.index("chunkconv plan: training") < out.index("chunkconv.DynamicConv forward+backward"), out
-    assert "budget   5.72 MiB (budget='6MB')" in out and "unchunked recipe (all 4,096 weights at once) would need" in out
+    assert (
+        "budget   5.72 MiB (budget='6MB')" in out and "unchunked recipe (all 4,096 weights at once) would need" in out
+    )
     chunks = re.search(r"chunks +(\d+) of", out)
     assert chunks and int(chunks[1]) > 1, out  # 6MB forces several chunks at this size
     assert "chunkconv.DynamicConv forward+backward" in out and "output (1, 16, 64, 64)" in out, out
@@ -248,5 +254,7 @@ def test_training_budget(capsys):
     assert results["minimum_budget"] == results["planned_minimum_budget"] > 1000, results
     out = capsys.readouterr().out
     assert out.count("chunkconv plan: training") == 2, out
-    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked recipe (all 1,152 weights at once)" in out, out
+    assert f"chunks   {results['tight_chunks']} of " in out and "unchunked recipe (all 1,152 weights at once)" in out, (
+        out
+    )
     assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out
