@@ -1,6 +1,6 @@
 """Fast path vs generic chunked path on the CPU workload, forward + backward, side by side.
 
-Workload CPU-A of ANCHORS.md: N=2, C=16, 256x256, out 16, hidden 32, k=3 (padding 1), float32,
+Workload CPU-A of benchmarks/workloads.py: N=2, C=16, 256x256, out 16, hidden 32, k=3 (padding 1), float32,
 generator Linear(144, 32) -> ReLU -> Linear(32, 16 * 144). Both paths run with the same chunk
 size, interleaved (fast, generic, fast, ...) so that load on the shared machine hits both alike;
 the medians of ``--repeats`` runs are printed, then one untimed run of each under MemoryTracker.

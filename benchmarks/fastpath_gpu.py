@@ -1,6 +1,6 @@
 """Fast path vs the generic chunked path vs the best unchunked recipe, on workloads A and B.
 
-Workloads of ANCHORS.md (generator Linear(P, hidden) -> ReLU -> Linear(hidden, out * P), k=3,
+Workloads A, B, C of benchmarks/workloads.py (generator Linear(P, hidden) -> ReLU -> Linear(hidden, out * P), k=3,
 padding 1):
 
 * A: training, forward + backward, N=8 C=32 256x256, out 32, hidden 64; target: fast path at least

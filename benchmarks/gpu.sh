@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark: workloads A, B, C (ANCHORS.md) in fp32 (TF32 off) and bf16, forward and
+# The GPU benchmark: workloads A, B, C (benchmarks/workloads.py) in fp32 (TF32 off) and bf16, forward and
 # forward+backward, then the 256..4096 px sweep; about 5-8 minutes on one H100 (a 420 s time limit
 # stops starting new cases, so a slower card still ends with a complete JSON).
 # Writes JSON, Markdown and PNG into $OUT (or results/). Run from the repository root:

@@ -4,7 +4,7 @@ The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic on the C
 the GPU compiler: layouts, ``tl.dot`` operand shapes, register allocation and shared memory are
 only met when Triton lowers a kernel to PTX and ``ptxas`` assembles it. Triton can do both ahead
 of time, with no GPU and no driver (it ships ``ptxas``). This compiles every kernel, for every
-dtype and every tile config the autotuner would try on the ANCHORS workloads, for the chosen
+dtype and every tile config the autotuner would try on the anchor workloads (benchmarks/workloads.py), for the chosen
 architectures (default sm_90 = H100 and sm_80 = A100), and prints one line per compile:
 registers, bytes spilled to local memory, shared memory, and which tensor-core instruction the
 dots became (``wgmma``: Hopper's warpgroup MMA, which needs 64-row tiles; ``mma``: ``mma.sync``,
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
 
 KERNELS = ("fwd", "bwd_h", "bwd_x", "bwd_w")
-# (patch features per group Pg, outputs per group Og, hidden H) of ANCHORS' workloads A, B, C
+# (patch features per group Pg, outputs per group Og, hidden H) of the anchor workloads A, B, C
 WORKLOADS = {"A": (288, 32, 64), "B": (144, 16, 32), "C": (1600, 64, 64)}
 # kernel dtype name -> (Triton pointer type, dot input precision)
 DTYPES = {

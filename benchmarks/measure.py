@@ -80,7 +80,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def _layer(wl: Workload, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Parameter]:
-    """ANCHORS.md's generator ``Linear(P, hidden) -> ReLU -> Linear(hidden, out * P)`` and a bias."""
+    """The anchor workloads' generator ``Linear(P, hidden) -> ReLU -> Linear(hidden, out * P)`` and a bias."""
     generator = nn.Sequential(nn.Linear(wl.patch_size, wl.hidden), nn.ReLU(), nn.Linear(wl.hidden, wl.weight_numel)).to(
         device=device, dtype=dtype
     )

@@ -132,8 +132,9 @@ class Method:
         Per patch: ``P`` unfolded features, ``2 * hidden`` (Linear output and ReLU output), ``W``
         generated weights, ``out`` outputs. The forum recipe adds a product as large as the
         weights; with autograd, backward adds a gradient as large as the weights (the forum
-        recipe two). The input gradient is ``C`` per patch. Calibrated on ANCHORS.md's H100 numbers
-        (forum: 2x the weights inference, 3x training; einsum: 1x and 2x).
+        recipe two). The input gradient is ``C`` per patch. Calibrated on the H100 numbers
+        recorded in benchmarks/workloads.py (forum: 2x the weights inference, 3x training;
+        einsum: 1x and 2x).
         """
         m, pp, h, o, w, c = wl.num_patches, wl.patch_size, wl.hidden, wl.out_channels, wl.weight_numel, wl.channels
         train = mode == "fwd+bwd"

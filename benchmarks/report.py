@@ -258,7 +258,7 @@ def render_run(doc: dict, image: str | None = None, *, level: int = 2) -> str:
         wl = records[0]["workload"]
         if wl.get("family"):
             continue
-        anchor = " (the mode ANCHORS.md measured)" if wl.get("anchor_mode") == mode else ""
+        anchor = " (the mode the anchor measurements used)" if wl.get("anchor_mode") == mode else ""
         out += [
             f"{h}# Workload {name}: {mode}, {dtype}{anchor}",
             "",

@@ -162,7 +162,7 @@ def run(settings: Settings, out: Path, *, log: Callable[[str], None] = print) ->
     if settings.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False.")
-        # ANCHORS.md's fp32 numbers are with TF32 off.
+        # the anchor workloads' fp32 baselines (benchmarks/workloads.py) were measured with TF32 off.
         set_tf32(False)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)

@@ -47,7 +47,8 @@ __all__ = [
 AUTO_FRACTION_CPU = 0.5
 # On CUDA the device is normally dedicated to this process and free_memory() already counts what
 # the caching allocator holds in reserve; keep 20% headroom for allocator rounding/fragmentation
-# and for cuBLAS/cuDNN workspaces that the planner does not count.
+# and for what other code allocates meanwhile (the planner itself counts the cuBLAS workspace of
+# autograd's backward thread, as an allowance).
 AUTO_FRACTION_CUDA = 0.8
 # No device addresses more than an int64 byte count; larger budgets are typos.
 MAX_BUDGET = 2**63 - 1

@@ -225,9 +225,11 @@ def check_side_inputs(
                 raise ValueError(
                     f"`{name}` is on {given.device} but the input is on {device}; expected the same device."
                 )
-            if given.dtype != dtype:
+            cast_by_autocast = torch.is_autocast_enabled(device.type) and {given.dtype, dtype} <= AUTOCAST_DTYPES
+            if given.dtype != dtype and not cast_by_autocast:
                 raise ValueError(
-                    f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same."
+                    f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same "
+                    "(or run under torch.autocast, which casts float32/float16/bfloat16)."
                 )
 
 

@@ -362,8 +362,46 @@ def _too_small(request: PlanRequest, model: PeakModel, minimum: int) -> BudgetTo
     )
 
 
+def _unchunked(
+    request: PlanRequest, fixed_forward: dict[str, int], fixed_backward: dict[str, int], reference: ChunkCost | None
+) -> tuple[int | None, int | None]:
+    """What one chunk of every patch, weights formed (the unchunked recipe), would need: forward, training."""
+    if reference is None:
+        return None, None
+    total = request.geom.num_patches
+    forward = sum(fixed_forward.values()) + reference.forward.at(total)
+    training = None
+    if request.training and reference.backward is not None:
+        fixed = max(sum(fixed_forward.values()), sum(fixed_backward.values()))
+        training = fixed + reference.backward.at(total)
+    return forward, training
+
+
+def _choose_verified(
+    model: PeakModel, costs: CostSource, total: int, budget: int, device: torch.device
+) -> tuple[int, str, PeakModel]:
+    """The chosen chunk size, measured or bounded: a chunk beyond the largest probe is accepted only
+    where :meth:`PeakModel.bounded_size` shows it fits; else the largest chunk that does is measured
+    and the choice redone, so no probe risks more than the call it plans for (the first call included).
+    """
+    size, reason = choose_chunk_size(model, total, budget, device)
+    for _ in range(_EXTENSIONS):
+        probed, bounded = model.cost.forward.points[-1][0], model.bounded_size(budget)
+        if size <= probed or size <= bounded or bounded <= probed:
+            break
+        model = replace(model, cost=costs.extend(model.cost, min(size, bounded)))
+        size, reason = choose_chunk_size(model, total, budget, device)
+    probed, bounded = model.cost.forward.points[-1][0], model.bounded_size(budget)
+    if size > probed and size > bounded:  # neither measured nor bounded: keep to what is known to fit
+        size, reason = max(probed, bounded), "largest chunks measured to fit the budget"
+    return size, reason, model
+
+
 def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     """Plan one call: the largest chunk whose estimated peak fits the budget.
+
+    Four steps: the fixed costs (arithmetic), the step's measured cost (from ``costs``), the
+    choice (arithmetic, verified against ``costs`` beyond the probes), and the frozen :class:`Plan`.
 
     Raises:
         BudgetTooSmallError: not even one patch per chunk fits; the message names the smallest
@@ -388,25 +426,19 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     if total == 0:
         return replace(base, reason="empty input")
 
-    # 1. fixed costs, 2. the measured step
+    # 1. fixed costs; 2. the measured step
     fixed_forward, fixed_backward = fixed_costs(request)
     cost = costs.measure(request.budget)
     generic = request.path is None or request.path.path == "generic"
     reference = cost if generic else costs.reference(request.budget) if request.estimate else None
     model = PeakModel(fixed_forward, fixed_backward, cost, request.training, safety_bytes(request.device))
-    minimum = model.required(1)
-    unchunked_forward = unchunked_training = None
-    if reference is not None:
-        unchunked_forward = sum(fixed_forward.values()) + reference.forward.at(total)
-        if request.training and reference.backward is not None:
-            fixed = max(sum(fixed_forward.values()), sum(fixed_backward.values()))
-            unchunked_training = fixed + reference.backward.at(total)
+    unchunked_forward, unchunked_training = _unchunked(request, fixed_forward, fixed_backward, reference)
     base = replace(
         base,
         cost=cost,
         fixed_forward=fixed_forward,
         fixed_backward=fixed_backward,
-        minimum_budget=minimum,
+        minimum_budget=model.required(1),
         unchunked_forward=unchunked_forward,
         unchunked_training=unchunked_training,
     )
@@ -414,28 +446,12 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         forward, backward = model.peaks(min(request.chunk_size, total))
         return replace(base, forward_peak=forward, backward_peak=backward, reason="chunk_size given")
 
-    # 3. choose; a chunk beyond the largest probe is measured too, then the choice redone
+    # 3. the choice
     budget = request.budget
-    assert budget is not None
-    if budget < minimum:
-        raise _too_small(request, model, minimum)
-    size, reason = choose_chunk_size(model, total, budget, request.device)
-    for _ in range(_EXTENSIONS):
-        probed = cost.forward.points[-1][0]
-        if size <= probed or size <= model.bounded_size(budget):  # measured, or safe by the bound
-            break
-        # measure the choice itself where a bound says that is safe, else the largest chunk that
-        # is; a probe never risks more than the call it plans for, the first call included
-        target = min(size, model.bounded_size(budget))
-        if target <= probed:
-            break
-        cost = costs.extend(cost, target)
-        model = replace(model, cost=cost)
-        size, reason = choose_chunk_size(model, total, budget, request.device)
-    probed = cost.forward.points[-1][0]
-    if size > probed and size > model.bounded_size(budget):  # neither measured nor bounded: what is known
-        size = max(probed, model.bounded_size(budget))
-        reason = "largest chunks measured to fit the budget"
+    assert budget is not None and base.minimum_budget is not None
+    if budget < base.minimum_budget:
+        raise _too_small(request, model, base.minimum_budget)
+    size, reason, model = _choose_verified(model, costs, total, budget, request.device)
 
     # 4. the plan
     forward, backward = model.peaks(size)
@@ -446,5 +462,5 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         forward_peak=forward,
         backward_peak=backward,
         reason=reason,
-        cost=cost,
+        cost=model.cost,
     )

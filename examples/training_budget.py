@@ -119,13 +119,18 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | None]:
     print(f"\nThe same layer with budget={tight_budget!r}:")
     print(tight_plan)
     (y, grad, _, _), (y_tight, grad_tight, forward_peak, backward_peak) = (
-        measured_step(model.dynamic, x), measured_step(tight, x)
+        measured_step(model.dynamic, x),
+        measured_step(tight, x),
     )
-    print(f"measured peak: forward {chunkconv.format_bytes(forward_peak)}, backward "
-          f"{chunkconv.format_bytes(backward_peak)} (budget {chunkconv.format_bytes(tight_plan.budget)})")
+    print(
+        f"measured peak: forward {chunkconv.format_bytes(forward_peak)}, backward "
+        f"{chunkconv.format_bytes(backward_peak)} (budget {chunkconv.format_bytes(tight_plan.budget)})"
+    )
     difference = max((y - y_tight).abs().max().item(), (grad - grad_tight).abs().max().item())
-    print(f"largest difference from the {plan.num_chunks}-chunk layer, output and input gradient: "
-          f"{difference:.1e} (floating-point rounding at most)")
+    print(
+        f"largest difference from the {plan.num_chunks}-chunk layer, output and input gradient: "
+        f"{difference:.1e} (floating-point rounding at most)"
+    )
     model.zero_grad()
 
     # A budget too small for even one patch per chunk is refused before any work.
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | None]:
         "minimum_budget": minimum,
         "planned_minimum_budget": tight_plan.minimum_budget,
     }
+
 
 if __name__ == "__main__":
     main()

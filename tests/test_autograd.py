@@ -11,8 +11,6 @@ from chunkconv.testing import RecordingDropout, mlp_generator
 SPEC = conv_spec(2, in_channels=3, out_channels=4, kernel_size=3, padding=1)
 
 
-
-
 def _dropout_generator():
     drop = RecordingDropout()
     gen = nn.Sequential(nn.Linear(27, 6), nn.Tanh(), drop, nn.Linear(6, 4 * 27)).double()

@@ -49,7 +49,7 @@ def test_anchor_workloads_keep_anchors_md_shapes():
     assert (b.batch, b.channels, b.size, b.out_channels, b.hidden, b.kernel) == (1, 16, 2048, 16, 32, 3)
     assert (c.batch, c.channels, c.size, c.out_channels, c.hidden, c.kernel) == (4, 64, 128, 64, 64, 5)
     assert (cpu.batch, cpu.channels, cpu.size, cpu.out_channels, cpu.hidden, cpu.kernel) == (2, 16, 256, 16, 32, 3)
-    # The estimate reproduces ANCHORS.md's H100 peaks within 10% (workload B inference: forum 76.8 GB, einsum 42.2 GB).
+    # The estimate reproduces the H100 peaks measured for the anchor workloads (benchmarks/workloads.py) within 10% (workload B inference: forum 76.8 GB, einsum 42.2 GB).
     assert Method("forum").estimate(b, "fwd", 4) == pytest.approx(76.8e9, rel=0.1)
     assert Method("einsum").estimate(b, "fwd", 4) == pytest.approx(42.2e9, rel=0.1)
     assert Method("einsum").estimate(a, "fwd+bwd", 4) == pytest.approx(38.8e9, rel=0.1)

@@ -49,6 +49,59 @@ class Net(nn.Module):
         return self.head(h)
 
 
+class FormsNet(nn.Module):
+    """Side inputs and structured kernels: a feature branch drives a shared (KPN-like) layer, the
+    input guides a modulated (PAC-like) one; both branches and the guide train."""
+
+    def __init__(self, chunk_size):
+        super().__init__()
+        self.pre = nn.Conv2d(3, 3, 1)
+        self.branch = nn.Conv2d(3, 4, 3, padding=1)
+        self.kpn = chunkconv.DynamicConv(
+            nn.Sequential(nn.Linear(4, 27), nn.Softmax(dim=1)), 3, 3, 3, padding=1, chunk_size=chunk_size,
+            kernel="shared", kernel_groups=3, inputs=("features",),
+        )  # fmt: skip
+        self.pac = chunkconv.DynamicConv(
+            nn.Sequential(nn.Linear(27, 9), nn.Sigmoid()), 3, 4, 3, padding=1, chunk_size=chunk_size,
+            kernel="modulated", inputs=("guide",),
+        )  # fmt: skip
+        self.head = nn.Conv2d(4, 2, 1)
+        self.reference = False
+
+    def forward(self, x):
+        h = self.pre(x).tanh()
+        f = self.branch(x)
+        if self.reference:
+            k = self.kpn
+            h = chunkconv.dynamic_conv_reference(
+                h, k.generator, out_channels=3, kernel_size=3, padding=1, bias=k.bias, kernel="shared",
+                kernel_groups=3, inputs=("features",), features=f,
+            )  # fmt: skip
+            p = self.pac
+            h = chunkconv.dynamic_conv_reference(
+                h, p.generator, out_channels=4, kernel_size=3, padding=1, bias=p.bias, kernel="modulated",
+                weight=p.weight, inputs=("guide",), guide=x,
+            )  # fmt: skip
+        else:
+            h = self.pac(self.kpn(h, features=f), guide=x)
+        return self.head(h)
+
+
+def _ddp_forms(x, shard):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = FormsNet(chunk_size=7).double()
+    want = _reference_grads(model, x)
+    ddp = DDP(model)
+    errors = []
+    for _ in range(2):
+        ddp.zero_grad()
+        ddp(shard).square().mean().backward()
+        errors.append(_max_error({n.removeprefix("module."): p.grad for n, p in ddp.named_parameters()}, want))
+    return max(errors)
+
+
 def _make(chunk_size, path="auto"):
     torch.manual_seed(0)
     return Net(chunk_size, path).double()
@@ -144,6 +197,7 @@ SCENARIOS = {
     "fsdp_layer": lambda x, s: _fsdp(x, s, 3, shard_layer=True),
     "fsdp_layer_generic": lambda x, s: _fsdp(x, s, 3, shard_layer=True, path="generic"),
     "fsdp_generator_refused": _fsdp_generator_refused,
+    "ddp_forms_and_side_inputs": _ddp_forms,
 }
 
 
@@ -197,7 +251,14 @@ def _error(results, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp_default_chunking", "ddp_many_chunks", "ddp_many_chunks_generic", "ddp_small_budget"]
+    "name",
+    [
+        "ddp_default_chunking",
+        "ddp_many_chunks",
+        "ddp_many_chunks_generic",
+        "ddp_small_budget",
+        "ddp_forms_and_side_inputs",
+    ],
 )
 def test_ddp_gradients_equal_one_process_on_the_whole_batch(results, name):
     assert _error(results, name) < 1e-12

@@ -30,7 +30,11 @@ class _Counting(nn.Module):
     ("kwargs", "exc", "pattern"),
     [
         (dict(kernel_size=(3, 3, 3, 3)), ValueError, r"^Invalid value for `kernel_size`; expected 1, 2 or 3"),
-        (dict(kernel_size=0), ValueError, r"^Invalid value for `kernel_size`; expected an int or a tuple of 2 ints >= 1"),
+        (
+            dict(kernel_size=0),
+            ValueError,
+            r"^Invalid value for `kernel_size`; expected an int or a tuple of 2 ints >= 1",
+        ),
         (dict(kernel_size=3.0), TypeError, r"^Invalid type for `kernel_size`"),
         (dict(stride=(1, 0)), ValueError, r"^Invalid value for `stride`"),
         (dict(padding=-1), ValueError, r"^Invalid value for `padding`"),
@@ -70,7 +74,10 @@ def _conv(gen, **kw):
 @pytest.mark.parametrize(
     ("shape", "pattern"),
     [
-        ((2, 3, 8, 8), r"^Expected input with 4 channels \(in_channels=4\), got 3 channels in input of shape \(2, 3, 8, 8\)"),
+        (
+            (2, 3, 8, 8),
+            r"^Expected input with 4 channels \(in_channels=4\), got 3 channels in input of shape \(2, 3, 8, 8\)",
+        ),
         ((4, 8), r"^Expected 3-D \(unbatched\) or 4-D \(batched\) input to DynamicConv, got input of shape \(4, 8\)"),
         ((2, 4, 8), r"^Expected input with 4 channels \(in_channels=4\), got 2 channels in input of shape \(2, 4, 8\)"),
         ((2, 4, 8, 8, 8), r"^Expected 3-D \(unbatched\) or 4-D"),
@@ -111,7 +118,10 @@ def test_generator_returning_non_tensor():
 
 def test_generator_dtype_mismatch():
     gen = _Counting(_gen(dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"^The generator's 'inner.0.weight' has dtype torch.float32 but the input has dtype torch.float64"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The generator's 'inner.0.weight' has dtype torch.float32 but the input has dtype torch.float64",
+    ):
         _conv(gen)(torch.randn(1, 4, 5, 5, dtype=torch.float64))
     assert gen.calls == 0
 
@@ -149,7 +159,9 @@ def test_bad_bias_shape():
 def test_batch_coupled_generator_refused(module, why):
     gen = _Counting(nn.Sequential(nn.Linear(36, 8), module, nn.Linear(8, 216)).double())
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
-    with pytest.raises(chunkconv.BatchCoupledGeneratorError, match=rf"mixes patches of one call: .*{why}.*eval mode.*LayerNorm"):
+    with pytest.raises(
+        chunkconv.BatchCoupledGeneratorError, match=rf"mixes patches of one call: .*{why}.*eval mode.*LayerNorm"
+    ):
         _conv(gen)(x)
     assert gen.calls == 0
     # opting in runs it; eval mode (running stats) is per-patch and accepted as is

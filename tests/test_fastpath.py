@@ -274,8 +274,6 @@ def test_bytes_per_patch_for_the_planner():
 # ---------------------------------------------------------------- autograd discipline
 
 
-
-
 def test_dropout_in_the_body_is_replayed_and_matches_the_generic_path():
     drop = RecordingDropout()
     gen = nn.Sequential(nn.Linear(27, 6), nn.Tanh(), drop, nn.Linear(6, 4 * 27)).double()

@@ -41,7 +41,9 @@ def form_cases(draw):
     if kernel == "shared":  # depthwise: out = in channels, groups=1
         kwargs.update(out_channels=spec.in_channels, groups=1)
         spec = conv_spec(spec.ndim, in_channels=spec.in_channels, **kwargs)
-        kernel_groups = draw(st.sampled_from([g for g in (1, 2, 4) if spec.in_channels % g == 0]), label="kernel_groups")
+        kernel_groups = draw(
+            st.sampled_from([g for g in (1, 2, 4) if spec.in_channels % g == 0]), label="kernel_groups"
+        )
     kinds = draw(st.lists(st.sampled_from(["patches", "features", "guide", "positions"]), min_size=1, max_size=4,
                           unique=True), label="inputs")  # fmt: skip
     return case, spec, kwargs, kernel, kernel_groups, tuple(kinds)
@@ -176,11 +178,22 @@ def test_positions_are_window_centres_normalised_like_grid_sample():
 @pytest.mark.parametrize(
     "kwargs, side, message",
     [
-        (dict(inputs=("features",)), {}, r"inputs=\('features',\) gives the generator `features`, but .* got no `features=`"),
+        (
+            dict(inputs=("features",)),
+            {},
+            r"inputs=\('features',\) gives the generator `features`, but .* got no `features=`",
+        ),
         (dict(), {"guide": torch.zeros(1, 1, 6, 6)}, r"got `guide=` but inputs=\('patches',\) does not give it"),
-        (dict(inputs=("features",)), {"features": torch.zeros(1, 3, 5, 6)},
-         r"Invalid shape for `features` .*expected \(1, 'F', 6, 6\)"),
-        (dict(inputs=("guide",)), {"guide": torch.zeros(2, 3, 6, 6)}, r"Invalid shape for `guide` .*expected \(1, 'G', 6, 6\)"),
+        (
+            dict(inputs=("features",)),
+            {"features": torch.zeros(1, 3, 5, 6)},
+            r"Invalid shape for `features` .*expected \(1, 'F', 6, 6\)",
+        ),
+        (
+            dict(inputs=("guide",)),
+            {"guide": torch.zeros(2, 3, 6, 6)},
+            r"Invalid shape for `guide` .*expected \(1, 'G', 6, 6\)",
+        ),
         (dict(kernel="shared", kernel_groups=3), {}, r"`kernel_groups`; expected an int >= 1 dividing in_channels=2"),
         (dict(kernel="shared"), {}, r"out_channels must equal in_channels"),
         (dict(kernel="bent"), {}, r"Invalid value for `kernel`"),
@@ -208,3 +221,68 @@ def test_modulated_weight_is_initialised_like_conv_and_trains():
     conv(torch.randn(1, 2, 8, 8)).sum().backward()
     assert conv.weight.grad is not None and conv.generator[0].weight.grad is not None
     assert set(conv.state_dict()) == {"weight", "bias", "generator.0.weight", "generator.0.bias"}
+
+
+def _kpn_and_pac(dtype=F64, chunk_size=13):
+    torch.manual_seed(0)
+    kpn = chunkconv.DynamicConv2d(nn.Sequential(nn.Linear(5, 25), nn.Softmax(dim=1)), 3, 3, 5, padding=2,
+                                  kernel="shared", inputs=("features",), chunk_size=chunk_size, dtype=dtype)  # fmt: skip
+    pac = chunkconv.DynamicConv2d(nn.Sequential(nn.Linear(18, 9), nn.Sigmoid()), 3, 4, 3, padding=1,
+                                  kernel="modulated", inputs=("guide",), chunk_size=chunk_size, dtype=dtype)  # fmt: skip
+    return kpn.to(dtype), pac.to(dtype)
+
+
+def test_forms_with_side_inputs_run_under_autocast():
+    kpn, pac = _kpn_and_pac(torch.float32)
+    x, f, g = torch.randn(2, 3, 9, 8), torch.randn(2, 5, 9, 8), torch.randn(2, 2, 9, 8)
+    want = pac(kpn(x, features=f), guide=g)
+    leaves = [x.requires_grad_(), f.requires_grad_(), g.requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pac(kpn(x, features=f), guide=g)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+    grads = torch.autograd.grad(got.float().sum(), leaves)
+    want_grads = torch.autograd.grad(pac(kpn(x, features=f), guide=g).sum(), leaves)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+def test_forms_with_side_inputs_compile_with_one_graph_break_each():
+    kpn, pac = _kpn_and_pac()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch, self.kpn, self.pac = nn.Conv2d(3, 5, 1).double(), kpn, pac
+
+        def forward(self, x, g):
+            return self.pac(self.kpn(x, features=self.branch(x).tanh()), guide=g).relu()
+
+    net = Net()
+    x, g = torch.randn(1, 3, 8, 8, dtype=F64, requires_grad=True), torch.randn(1, 2, 8, 8, dtype=F64)
+    eager = net(x, g)
+    compiled = torch.compile(net, backend="eager")(x, g)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(*(torch.autograd.grad(t.sum(), x)[0] for t in (compiled, eager)))
+
+
+def test_dropout_in_a_side_input_generator_is_replayed_in_backward():
+    from chunkconv.testing import RecordingDropout
+
+    drop = RecordingDropout()
+    gen = nn.Sequential(nn.Linear(5, 8), drop, nn.Linear(8, 9)).double()
+    x = torch.randn(2, 3, 6, 5, dtype=F64, requires_grad=True)
+    f = torch.randn(2, 5, 6, 5, dtype=F64, requires_grad=True)
+    args = dict(kernel="shared", inputs=("features",))
+    y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=11, features=f, **args)
+    forward_masks = list(drop.masks)
+    drop.masks.clear()
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, f, *gen.parameters()], upstream)
+    assert len(drop.masks) == len(forward_masks) == 6
+    assert all(torch.equal(a, b) for a, b in zip(forward_masks, drop.masks))
+    drop.fixed = torch.cat(forward_masks)  # the function with exactly those masks
+    want = chunkconv.dynamic_conv_reference(x, gen, out_channels=3, kernel_size=3, padding=1, features=f, **args)
+    torch.testing.assert_close(y, want)
+    for a, b in zip(grads, torch.autograd.grad(want, [x, f, *gen.parameters()], upstream)):
+        torch.testing.assert_close(a, b)

@@ -26,9 +26,18 @@ ESTIMATE_SLACK = 256 * 1024
 def _conv(case: ConvCase, gen, budget, dtype):
     s = case.spec
     return chunkconv.DynamicConv(
-        gen, s.in_channels, s.out_channels, s.kernel_size, stride=s.stride, padding=s.padding,
-        dilation=s.dilation, groups=s.groups, bias=case.bias, padding_mode=s.padding_mode,
-        budget=budget, dtype=dtype,
+        gen,
+        s.in_channels,
+        s.out_channels,
+        s.kernel_size,
+        stride=s.stride,
+        padding=s.padding,
+        dilation=s.dilation,
+        groups=s.groups,
+        bias=case.bias,
+        padding_mode=s.padding_mode,
+        budget=budget,
+        dtype=dtype,
     )
 
 
@@ -65,7 +74,9 @@ def test_one_byte_below_the_smallest_budget_raises_and_the_smallest_runs(trainin
     gen = mlp_generator(spec, hidden=16, dtype=torch.float32)
     x = torch.randn(2, 3, 20, 24, requires_grad=training)
     minimum = chunkconv.plan(x, gen, 4, 3, padding=1, budget=2**40, training=training).minimum_budget
-    with pytest.raises(chunkconv.BudgetTooSmallError, match=rf"the smallest budget that fits is .* \({minimum} bytes\)") as info:
+    with pytest.raises(
+        chunkconv.BudgetTooSmallError, match=rf"the smallest budget that fits is .* \({minimum} bytes\)"
+    ) as info:
         chunkconv.plan(x, gen, 4, 3, padding=1, budget=minimum - 1, training=training)
     assert info.value.minimum == minimum and info.value.budget == minimum - 1
     mode = torch.enable_grad() if training else torch.no_grad()
@@ -211,15 +222,48 @@ def test_out_of_memory_in_backward_with_random_generator_is_not_split():
 
 def test_command_line_plan():
     out = subprocess.run(
-        [sys.executable, "-m", "chunkconv", "plan", "--input", "1x16x2048x2048", "--out-channels", "16",
-         "--kernel-size", "3", "--padding", "1", "--hidden", "32", "--budget", "4GB"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "chunkconv",
+            "plan",
+            "--input",
+            "1x16x2048x2048",
+            "--out-channels",
+            "16",
+            "--kernel-size",
+            "3",
+            "--padding",
+            "1",
+            "--hidden",
+            "32",
+            "--budget",
+            "4GB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert "chunkconv plan" in out and "unchunked" in out and "budget   3.73 GiB" in out
     bad = subprocess.run(
-        [sys.executable, "-m", "chunkconv", "plan", "--input", "1x16x64x64", "--out-channels", "16",
-         "--kernel-size", "3", "--budget", "10kB"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "chunkconv",
+            "plan",
+            "--input",
+            "1x16x64x64",
+            "--out-channels",
+            "16",
+            "--kernel-size",
+            "3",
+            "--budget",
+            "10kB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "Rerun with --budget" in bad.stderr  # advice in CLI terms (issue 12)
 
