@@ -152,11 +152,17 @@ def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tens
 
 
 def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
-    """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (contiguous, padded shape).
+    """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (padded shape).
 
-    One kernel tap at a time: for a fixed tap the map from location to input
-    element is injective, so each write is a plain accumulate without aliasing.
+    For 2-D with large patches, each block of the chunk is folded (``F.fold``, col2im) into the
+    window of the input it covers: a few large ops per chunk. Otherwise one kernel tap at a time:
+    for a fixed tap the map from location to input element is injective, so each write is a plain
+    accumulate (faster for small kernels, e.g. 3x3 over a few channels, measured on CPU).
     """
+    large = geom.kernel_numel >= 25 or geom.patch_size >= 256
+    if geom.ndim == 2 and large and grad_patches.dtype in _FOLD_DTYPES:
+        _scatter_folded(grad_pad, grad_patches, chunk, geom)
+        return
     s_n, s_c, *s_sp = grad_pad.stride()
     size = (geom.batch, *geom.out_spatial, geom.in_channels)
     stride = (s_n, *(st * s for st, s in zip(geom.stride, s_sp)), s_c)
@@ -166,6 +172,34 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
         offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
         view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
         blockwise(view, chunk.cells, per_tap[:, :, t], "add")
+
+
+_FOLD_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+
+
+def _span(index: int | slice, size: int) -> tuple[int, int]:
+    if isinstance(index, int):
+        return index, index + 1
+    start, stop, _ = index.indices(size)
+    return start, stop
+
+
+def _scatter_folded(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
+    """2-D: each block ``(images, out rows, out columns)`` is a rectangle, so ``F.fold`` adds its
+    patch gradients into the input window it reads, overlaps summed.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    sizes = (geom.batch, *geom.out_spatial)
+    pos = 0
+    for block in chunk.cells:
+        (n0, n1), (h0, h1), (w0, w1) = (_span(i, n) for i, n in zip(block, sizes))
+        nb, hb, wb = n1 - n0, h1 - h0, w1 - w0
+        rows = grad_patches[pos : pos + nb * hb * wb]
+        pos += nb * hb * wb
+        height, width = (hb - 1) * sh + dh * (kh - 1) + 1, (wb - 1) * sw + dw * (kw - 1) + 1
+        columns = rows.reshape(nb, hb * wb, -1).transpose(1, 2)
+        folded = F.fold(columns, (height, width), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        grad_pad[n0:n1, :, h0 * sh : h0 * sh + height, w0 * sw : w0 * sw + width].add_(folded)
 
 
 class Stream(Protocol):

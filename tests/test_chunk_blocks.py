@@ -1,4 +1,4 @@
-"""A chunk's range of the flat patch index, as rectangular blocks (``execute.range_blocks``)."""
+"""A chunk's range of the flat patch index, as rectangular blocks (``gather.range_blocks``)."""
 
 import math
 
@@ -23,3 +23,39 @@ def test_blocks_cover_the_range_in_order(sizes, data):
 
 def test_a_chunk_of_rows_is_a_partial_row_whole_rows_and_a_partial_row():
     assert range_blocks(5, 27, (4, 8)) == [(0, slice(5, 8)), (slice(1, 3), slice(None)), (3, slice(0, 3))]
+
+
+@given(data=st.data())
+def test_folded_scatter_equals_the_per_tap_scatter(data):
+    # 2-D patch gradients of large patches are folded (F.fold) block by block; the per-tap adds are
+    # the definition
+    import itertools
+
+    from chunkconv.gather import ChunkIndex, _scatter_folded, blockwise
+    from chunkconv.geometry import conv_spec
+
+    draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
+    k = (draw(st.integers(1, 4), "kh"), draw(st.integers(1, 4), "kw"))
+    stride = (draw(st.integers(1, 3), "sh"), draw(st.integers(1, 3), "sw"))
+    dil = (draw(st.integers(1, 2), "dh"), draw(st.integers(1, 2), "dw"))
+    c, n = draw(st.integers(1, 3), "channels"), draw(st.integers(1, 3), "batch")
+    h = draw(st.integers(dil[0] * (k[0] - 1) + 1, 12), "height")
+    w = draw(st.integers(dil[1] * (k[1] - 1) + 1, 12), "width")
+    geom = conv_spec(2, in_channels=c, out_channels=1, kernel_size=k, stride=stride, dilation=dil).geometry(
+        (n, c, h, w)
+    )
+    start = draw(st.integers(0, geom.num_patches - 1), "start")
+    end = draw(st.integers(start + 1, geom.num_patches), "end")
+    chunk = ChunkIndex.build(start, end, geom)
+    grads = torch.randn(end - start, geom.patch_size, dtype=torch.float64)
+    folded = torch.zeros(n, c, *geom.padded_spatial, dtype=torch.float64)
+    _scatter_folded(folded, grads, chunk, geom)
+    want = torch.zeros_like(folded)
+    s_n, s_c, *s_sp = want.stride()
+    size = (n, *geom.out_spatial, c)
+    strides = (s_n, *(st_ * s for st_, s in zip(geom.stride, s_sp)), s_c)
+    per_tap = grads.view(-1, c, geom.kernel_numel)
+    for t, tap in enumerate(itertools.product(*(range(kk) for kk in k))):
+        offset = sum(kk * dd * s for kk, dd, s in zip(tap, geom.dilation, s_sp))
+        blockwise(want.as_strided(size, strides, offset), chunk.cells, per_tap[:, :, t], "add")
+    torch.testing.assert_close(folded, want)
