@@ -86,7 +86,8 @@ def dynamic_conv_reference(
     per_group = geom.patch_size // groups_
     given = {"patches": patches}
     if features is not None:
-        given["features"] = batch(features).movedim(1, -1).reshape(rows, -1)
+        f = batch(features)
+        given["features"] = f.movedim(1, -1).reshape(rows, f.shape[1])
     if guide is not None:
         g = batch(guide)
         guide_geom = guide_geometry(geom, g.shape[1])
@@ -108,7 +109,7 @@ def dynamic_conv_reference(
             raise ValueError(f"Invalid value for `method`; expected 'forum' or 'einsum', got {method=}.")
     elif kernel == "modulated":
         assert weight is not None, "kernel='modulated' needs `weight`"
-        scale = out_rows.reshape(rows, -1, taps)  # (rows, 1 or C, K)
+        scale = out_rows.reshape(rows, out_rows.shape[1] // taps, taps)  # (rows, 1 or C, K)
         w = weight.reshape(groups_, geom.out_channels // groups_, c // groups_, taps)  # (G, Og, Cg, K)
         s = scale.expand(rows, c, taps).reshape(rows, groups_, 1, c // groups_, taps)
         per_location = w.unsqueeze(0) * s  # (rows, G, Og, Cg, K): every location's whole weight

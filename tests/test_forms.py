@@ -286,3 +286,21 @@ def test_dropout_in_a_side_input_generator_is_replayed_in_backward():
     torch.testing.assert_close(y, want)
     for a, b in zip(grads, torch.autograd.grad(want, [x, f, *gen.parameters()], upstream)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["full", "modulated", "shared"])
+def test_empty_batch_with_side_inputs_matches_the_reference(kernel):
+    x = torch.randn(0, 2, 5, 5, dtype=F64, requires_grad=True)
+    f = torch.randn(0, 3, 5, 5, dtype=F64, requires_grad=True)
+    size = {"full": 2 * 2 * 9, "modulated": 2 * 9, "shared": 9}[kernel]
+    gen = Concat(2 * 9 + 3, size).double()
+    conv = chunkconv.DynamicConv2d(gen, 2, 2, 3, padding=1, kernel=kernel, inputs=("patches", "features"), dtype=F64)
+    y = conv(x, features=f)
+    ref = chunkconv.dynamic_conv_reference(
+        x, gen, out_channels=2, kernel_size=3, padding=1, bias=conv.bias, kernel=kernel, weight=conv.weight,
+        inputs=("patches", "features"), features=f,
+    )  # fmt: skip
+    assert y.shape == ref.shape == (0, 2, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and f.grad.shape == f.shape
+    assert all(p.grad is not None and not p.grad.any() for p in conv.parameters())
