@@ -242,7 +242,7 @@ def render_run(doc: dict, image: str | None = None, *, level: int = 2) -> str:
         "Ratios below 1 mean chunkconv is faster / smaller. chunkconv here is "
         + (
             'its smallest budget and `budget="auto"` on the generic and the fast path (on the CPU "auto" '
-            "allows half the available RAM, but the planner caps chunks at 64 MiB of per-chunk "
+            "allows half the available RAM, but the planner caps chunks at 32 MiB of per-chunk "
             "allocations there, which is faster in a CPU's caches)."
             if doc["machine"].get("chunkconv_budget")
             else "the planner's default chunking (this chunkconv had no `budget=` yet)."
