@@ -21,6 +21,7 @@ from .geometry import ConvGeometry
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "autocast_compatible",
     "INPUT_KINDS",
     "PATHS",
     "SideInput",
@@ -42,6 +43,14 @@ PATHS = ("auto", "fast", "generic")
 
 # The dtypes autocast casts to its lower precision (it leaves float64 alone).
 AUTOCAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def autocast_compatible(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:
+    """Whether tensors of dtypes ``a`` and ``b`` can meet on ``device``: the same dtype, or both
+    cast by the autocast region in force (float32/float16/bfloat16, not float64).
+    """
+    return a == b or (torch.is_autocast_enabled(device.type) and {a, b} <= AUTOCAST_DTYPES)
+
 
 # Modules whose output for one row depends on the other rows of the same call
 # when given a 2-D (B, features) tensor: chunking would change their results.
@@ -150,15 +159,13 @@ def check_generator(
         )
     if not isinstance(generator, nn.Module):
         return {}
-    autocast = torch.is_autocast_enabled(device.type)
     for name, tensor in [*generator.named_parameters(), *generator.named_buffers()]:
         if tensor.device != device:
             raise ValueError(
                 f"The generator's {name!r} is on {tensor.device} but the input is on {device}; "
                 "expected both on the same device (move the generator with .to(device))."
             )
-        cast_by_autocast = autocast and {tensor.dtype, dtype} <= AUTOCAST_DTYPES
-        if tensor.is_floating_point() and tensor.dtype != dtype and not cast_by_autocast:
+        if tensor.is_floating_point() and not autocast_compatible(tensor.dtype, dtype, device):
             raise ValueError(
                 f"The generator's {name!r} has dtype {tensor.dtype} but the input has dtype {dtype}; "
                 "expected the same dtype (convert one with .to(dtype), or run under torch.autocast, "
@@ -225,8 +232,7 @@ def check_side_inputs(
                 raise ValueError(
                     f"`{name}` is on {given.device} but the input is on {device}; expected the same device."
                 )
-            cast_by_autocast = torch.is_autocast_enabled(device.type) and {given.dtype, dtype} <= AUTOCAST_DTYPES
-            if given.dtype != dtype and not cast_by_autocast:
+            if not autocast_compatible(given.dtype, dtype, device):
                 raise ValueError(
                     f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same "
                     "(or run under torch.autocast, which casts float32/float16/bfloat16)."
@@ -253,9 +259,7 @@ def check_static_weight(
         )
     if weight.device != device:
         raise ValueError(f"`weight` is on {weight.device} but the input is on {device}; expected the same device.")
-    if weight.dtype != dtype and not (
-        torch.is_autocast_enabled(device.type) and {weight.dtype, dtype} <= AUTOCAST_DTYPES
-    ):
+    if not autocast_compatible(weight.dtype, dtype, device):
         raise ValueError(f"`weight` has dtype {weight.dtype} but the input has dtype {dtype}; expected the same.")
 
 

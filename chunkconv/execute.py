@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from .binding import bind_parameters
-from .checks import AUTOCAST_DTYPES
+from .checks import autocast_compatible
 from .errors import GeneratorOutputError
-from .forms import KernelForm
+from .forms import KernelForm, contract
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
 from .replay import RngState
@@ -37,7 +37,6 @@ __all__ = [
     "check_output_dtype",
     "contract",
     "forward_chunks",
-    "run_generator",
 ]
 
 
@@ -125,37 +124,14 @@ class _BoundGenerator:
 
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         patches = rows[0]
-        out = self.generator(*(rows[i] for i in self.inputs))
+        given = [rows[i] for i in self.inputs]
+        out = self.generator(*given)
         check_output_dtype(out, patches, "The generator")
-        width = sum(rows[i].shape[1] for i in self.inputs)
-        return self.form.apply(self.form.generated(out, patches.shape[0], width), patches, self.static)
+        return self.form.apply(self.form.generated(out, given), patches, self.static)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         grads = iter(leaf_grads)
         return [next(grads) if p.requires_grad else None for p in self.params]
-
-
-def run_generator(generator: Callable[[Tensor], Tensor], patches: Tensor, geom: ConvGeometry) -> Tensor:
-    """Call the generator and return its weights as ``(B, out_channels, (C // groups) * K)``.
-
-    Raises:
-        GeneratorOutputError: the output is not one weight per patch.
-
-    """
-    weights = generator(patches)
-    rows = patches.shape[0]
-    check_output_dtype(weights, patches, "The generator")
-    flat = (rows, geom.weight_numel)
-    full = (rows, *geom.weight_shape)
-    if not isinstance(weights, Tensor) or tuple(weights.shape) not in (flat, full):
-        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-        raise GeneratorOutputError(
-            f"The generator must return one weight per patch: expected shape {full} or {flat} "
-            f"for {rows} patches of {geom.generator_width} features "
-            f"(out_channels={geom.out_channels}, in_channels // groups="
-            f"{geom.in_channels // geom.groups}, kernel_size={geom.kernel_size}), got {got}."
-        )
-    return weights.reshape(rows, geom.out_channels, geom.patch_size // geom.groups)
 
 
 def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
@@ -165,24 +141,12 @@ def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
         GeneratorOutputError: naming the expected and the returned dtype.
 
     """
-    if not isinstance(out, Tensor) or out.dtype == patches.dtype:
-        return
-    kind = patches.device.type
-    if torch.is_autocast_enabled(kind) and {out.dtype, patches.dtype} <= AUTOCAST_DTYPES:
+    if not isinstance(out, Tensor) or autocast_compatible(out.dtype, patches.dtype, patches.device):
         return
     raise GeneratorOutputError(
         f"{what} must return the dtype of its input: expected {patches.dtype} (the input's, or autocast's), "
         f"got {out.dtype}. Convert the generator with .to({patches.dtype}) or cast its output."
     )
-
-
-def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
-    """Apply each patch's weight to that patch: ``(B, O, Cg*K) x (B, C*K) -> (B, O)``."""
-    rows, groups = patches.shape[0], geom.groups
-    per_group = geom.patch_size // groups
-    w = weights.reshape(rows * groups, geom.out_channels // groups, per_group)
-    p = patches.reshape(rows * groups, per_group, 1)
-    return torch.bmm(w, p).view(rows, geom.out_channels)
 
 
 def broadcast_bias(bias: Tensor, ndim: int) -> Tensor:

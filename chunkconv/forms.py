@@ -18,7 +18,9 @@ chunk's patch rows (:meth:`KernelForm.apply`). Pure shape logic plus a few tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from torch import Tensor
 from .errors import GeneratorOutputError
 from .geometry import ConvGeometry
 
-__all__ = ["FORMS", "KernelForm", "check_form", "static_weight_shape"]
+__all__ = ["FORMS", "KernelForm", "check_form", "contract", "static_weight_shape"]
 
 FORMS = ("full", "modulated", "shared")
 
@@ -71,6 +73,15 @@ def check_form(kernel: object, kernel_groups: object, in_channels: int, out_chan
     return g
 
 
+def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
+    """Apply each patch's full weight to that patch: ``(B, O, Cg*K) x (B, C*K) -> (B, O)``."""
+    rows, groups = patches.shape[0], geom.groups
+    per_group = geom.patch_size // groups
+    w = weights.reshape(rows * groups, geom.out_channels // groups, per_group)
+    p = patches.reshape(rows * groups, per_group, 1)
+    return torch.bmm(w, p).view(rows, geom.out_channels)
+
+
 @dataclass(frozen=True)
 class KernelForm:
     """One form for one call's geometry (``groups``: the kernel groups of ``"shared"``)."""
@@ -79,6 +90,7 @@ class KernelForm:
     geom: ConvGeometry
     kernel_groups: int = 1
 
+    @cached_property
     def shapes(self) -> list[tuple[int, ...]]:
         """The per-row shapes the generator may return, the first the canonical one."""
         g, k = self.geom, self.geom.kernel_size
@@ -89,14 +101,14 @@ class KernelForm:
             return [tuple(k), (taps,), (g.in_channels, *k), (g.in_channels * taps,)]
         return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
 
-    def generated(self, out: object, rows: int, width: int) -> Tensor:
-        """The generator's output checked and viewed for :meth:`apply`.
+    def generated(self, out: object, given: Sequence[Tensor]) -> Tensor:
+        """The generator's output for the rows it was ``given``, checked and viewed for :meth:`apply`.
 
         Raises:
-            GeneratorOutputError: not one of :meth:`shapes` per row.
+            GeneratorOutputError: not one of :attr:`shapes` per row.
 
         """
-        shapes = self.shapes()
+        shapes, rows = self.shapes, given[0].shape[0]
         if not isinstance(out, Tensor) or tuple(out.shape[1:]) not in shapes or out.shape[0] != rows:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             what = {
@@ -105,6 +117,7 @@ class KernelForm:
                 "shared": "one kernel per channel group per location for kernel='shared'",
             }
             expected = " or ".join(str((rows, *s)) for s in shapes)
+            width = sum(t.shape[1] for t in given)
             raise GeneratorOutputError(
                 f"The generator must return {what[self.name]}: expected shape "
                 f"{expected} for {rows} rows of {width} features (out_channels={self.geom.out_channels}, "
@@ -118,11 +131,7 @@ class KernelForm:
         geom, rows = self.geom, patches.shape[0]
         taps, c = geom.kernel_numel, geom.in_channels
         if self.name == "full":
-            groups = geom.groups
-            per_group = geom.patch_size // groups
-            w = generated.reshape(rows * groups, geom.out_channels // groups, per_group)
-            p = patches.reshape(rows * groups, per_group, 1)
-            return torch.bmm(w, p).view(rows, geom.out_channels)
+            return contract(generated, patches, geom)
         if self.name == "modulated":
             assert weight is not None
             scale = generated.view(rows, -1 if generated.shape[1] == c * taps else 1, taps)
@@ -141,4 +150,4 @@ class KernelForm:
 
     def weight_entries(self) -> int:
         """Entries the generator makes per location (what the plan prints)."""
-        return math.prod(self.shapes()[0])
+        return math.prod(self.shapes[0])

@@ -99,17 +99,8 @@ class ConvGeometry:
 
     @property
     def patch_size(self) -> int:
-        """Features of one patch row, the width the weights contract with: ``C * prod(kernel_size)``."""
+        """Features of one patch row: ``C * prod(kernel_size)``."""
         return self.in_channels * self.kernel_numel
-
-    @property
-    def generator_width(self) -> int:
-        """Features of one row the generator receives: the patch's (what it is made from).
-
-        Kept apart from :attr:`patch_size` (the contraction's width): inputs streamed beside the
-        patches widen what the generator sees, not what its weights are applied to.
-        """
-        return self.patch_size
 
     @property
     def weight_numel(self) -> int:
