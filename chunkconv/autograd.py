@@ -57,7 +57,7 @@ class DynamicConvFunction(torch.autograd.Function):
         ctx.replay = ReplayState.capture(device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(*tensors)
-        streams = make_streams(run.streams, sources, run.geom)
+        streams = make_streams(run.streams, sources, run.geom, patch_layout=run.step.patch_layout)
         with progress_bar(run.progress, run.geom.num_patches, "chunkconv forward") as tick:
             y, ctx.ranges = forward_chunks(
                 streams, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype, device, tick
@@ -95,7 +95,7 @@ class DynamicConvFunction(torch.autograd.Function):
             description = "chunkconv backward (recomputing each chunk)"
             with torch.enable_grad(), progress_bar(run.progress, run.geom.num_patches, description) as tick:
                 return backward_chunks(
-                    make_streams(run.streams, sources, run.geom, source_needs),
+                    make_streams(run.streams, sources, run.geom, source_needs, patch_layout=run.step.patch_layout),
                     run.step.bind(stand_ins, buffer_copies(run.step.generator)),
                     run.geom,
                     ctx.ranges,

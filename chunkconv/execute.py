@@ -73,6 +73,11 @@ class ChunkStep(Protocol):
         """The step's own parameters (the modulated form's static weight), bound after the generator's."""
         ...
 
+    @property
+    def patch_layout(self) -> str:
+        """The memory layout it wants the patch rows in (:data:`chunkconv.gather.PATCH_LAYOUTS`)."""
+        ...
+
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
 
 
@@ -96,6 +101,14 @@ class GeneratorStep:
     @property
     def extras(self) -> tuple[Tensor, ...]:
         return () if self.static is None else (self.static,)
+
+    @property
+    def patch_layout(self) -> str:
+        """``"columns"`` where they pay: a structured form whose generator does not take the patches
+        (a generator receives contiguous rows); then only the form reads them.
+        """
+        structured = self.form is not None and self.form.name != "full"
+        return "columns" if structured and 0 not in self.inputs else "rows"
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
         form = self.form or KernelForm("full", self.geom)
@@ -266,7 +279,7 @@ def backward_chunks(
             rows = tuple(s.gather(chunk).requires_grad_(s.requires_grad) for s in streams)
             out = step(rows)
             targets = [rows[i] for i in graded] + wanted
-            upstream = torch.empty(end - start, geom.out_channels, dtype=out.dtype, device=out.device)
+            upstream = torch.empty_like(out)  # in out's layout (and dtype): its backward reads it directly
             blockwise(grad_rows, chunk.rows, upstream, "read")  # copy_ casts to out's dtype
             grads = torch.autograd.grad(out, targets, upstream, allow_unused=True)
             del out, rows, targets, upstream  # free this chunk's graph before the next is built

@@ -74,6 +74,10 @@ class LinearTailStep:
         return ()
 
     @property
+    def patch_layout(self) -> str:
+        return "rows"  # the body (the generator's first layers) receives the patches
+
+    @property
     def backend(self) -> Backend:
         return BACKENDS[self.choice.backend or "torch"]
 

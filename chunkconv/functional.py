@@ -89,6 +89,7 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         kernel=call.form.name,
         generated=call.form.weight_entries(),
         inputs=call.options.inputs,
+        patch_layout=step.patch_layout,
     )
     costs = ProbedCosts(
         step,
@@ -198,7 +199,7 @@ def apply_spec(
     else:
         # nothing to differentiate: record no graph, whatever the generator captures
         with torch.no_grad(), progress_bar(show, geom.num_patches, "chunkconv forward") as tick:
-            streams = make_streams(call.streams, sources, geom)
+            streams = make_streams(call.streams, sources, geom, patch_layout=step.patch_layout)
             y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, input.device, tick)
         add_bias(y, bias)
     return y.squeeze(0) if call.unbatched else y

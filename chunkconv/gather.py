@@ -3,11 +3,19 @@
 A chunk is a range of the flat ``N * L`` location index, so a chunk may span several images and
 no size has to divide another. This module turns a range into a few rectangular blocks of
 ``(N, *out_spatial)`` (:class:`ChunkIndex`), and owns the per-location inputs a step consumes,
-one :class:`Stream` each: today the input's patches (:class:`PatchStream`), copied out of a
-strided view of the padded input so that the whole unfold never exists, with their gradients
-added back one kernel tap at a time. A stream reads a chunk's rows (``gather``), receives their
-gradients in backward (``add_grad``) and maps the summed gradient back onto its source tensor
-(``grad``); the executor handles every stream alike.
+one :class:`Stream` each: the input's patches (:class:`PatchStream`), copied out of the padded
+input chunk by chunk so that the whole unfold never exists, with their gradients added back
+(folded, or one kernel tap at a time); per-location features, a guide windowed like the input,
+and positions. A stream reads a chunk's rows (``gather``), receives their gradients in backward
+(``add_grad``) and maps the summed gradient back onto its source tensor (``grad``); the executor
+handles every stream alike.
+
+Patch rows come in one of two memory layouts (:data:`PATCH_LAYOUTS`), the same ``(B, C * K)``
+values either way: ``"rows"``, a contiguous ``(B, C * K)`` tensor, what a generator receives;
+and ``"columns"``, the transpose of a contiguous ``(C * K, B)`` buffer, ``F.unfold``'s layout
+(``nn.Conv2d``'s im2col path): copied in and added back along the input's own rows, long
+contiguous loops where rows copy ``kernel_size[-1]`` elements at a time, and contracted by the
+structured forms in the same layout. A step says which layout it wants (``ChunkStep.patch_layout``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import Tensor
 from .geometry import ConvGeometry
 
 __all__ = [
+    "PATCH_LAYOUTS",
     "Block",
     "ChunkIndex",
     "PatchStream",
@@ -37,7 +46,9 @@ __all__ = [
     "guide_geometry",
     "position_axes",
     "blockwise",
+    "gather_patch_columns",
     "gather_patches",
+    "is_column_major",
     "make_streams",
     "pad_input",
     "range_blocks",
@@ -151,6 +162,80 @@ def gather_patches(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tens
     return out.view(out.shape)
 
 
+PATCH_LAYOUTS = ("rows", "columns")
+
+
+def is_column_major(rows: Tensor) -> bool:
+    """Whether patch rows ``(B, W)`` are the transpose of a contiguous ``(W, B)`` buffer (``"columns"``)."""
+    return rows.dim() == 2 and rows.shape[0] > 1 and rows.stride(0) == 1 and rows.stride(1) == rows.shape[0]
+
+
+def _column_view(x_pad: Tensor, block: Block, geom: ConvGeometry) -> Tensor:
+    """A zero-copy view ``(C, *kernel_size, nb, *block_out)`` of one block's patches in ``x_pad``.
+
+    The ``"columns"`` layout of the block, as ``F.unfold`` would lay it out: its last dims run
+    along the input's own rows (contiguous for stride 1), so copying it out is fast. Taps
+    overlap in memory: only ever indexed, copied out, or added to one tap at a time.
+    """
+    s_n, s_c, *s_sp = x_pad.stride()
+    (n0, n1), *spans = (_span(i, n) for i, n in zip(block, (geom.batch, *geom.out_spatial)))
+    offset = x_pad.storage_offset() + n0 * s_n + sum(o0 * st * s for (o0, _), st, s in zip(spans, geom.stride, s_sp))
+    size = (geom.in_channels, *geom.kernel_size, n1 - n0, *(o1 - o0 for o0, o1 in spans))
+    stride = (s_c, *(d * s for d, s in zip(geom.dilation, s_sp)), s_n, *(st * s for st, s in zip(geom.stride, s_sp)))
+    return x_pad.as_strided(size, stride, offset)
+
+
+def gather_patch_columns(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
+    """The chunk's patches in the ``"columns"`` layout: rows ``(B, C * K)`` that are the transpose
+    of a contiguous ``(C * K, B)`` buffer, each block copied straight into its columns.
+    """
+    out = torch.empty(geom.patch_size, chunk.end - chunk.start, dtype=x_pad.dtype, device=x_pad.device)
+    pos = 0
+    for block in chunk.cells:
+        view = _column_view(x_pad, block, geom)
+        n = math.prod(view.shape[1 + geom.ndim :])
+        out[:, pos : pos + n].view(view.shape).copy_(view)
+        pos += n
+    return out.t()
+
+
+def _scatter_columns(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
+    """Add patch gradients in the ``"columns"`` layout into ``grad_pad``, one kernel tap per block
+    at a time (for a fixed tap, locations map to distinct input elements): long contiguous adds.
+
+    The taps' views of ``grad_pad`` overlap one another, so they are added one after another: on
+    the CPU in one ``torch._foreach_add_`` (a loop in C++), elsewhere in a Python loop (CUDA's
+    fused foreach kernels would add overlapping views concurrently).
+    """
+    columns = grad_patches.t()
+    pos = 0
+    for block in chunk.cells:
+        view = _column_view(grad_pad, block, geom)
+        n = math.prod(view.shape[1 + geom.ndim :])
+        part = columns[:, pos : pos + n].reshape(view.shape)  # a view for column-major gradients
+        pos += n
+        per_tap = view.shape[1 + geom.ndim :]
+        targets = _tap_views(view, geom)
+        sources = part.reshape(geom.in_channels, geom.kernel_numel, *per_tap).unbind(1)
+        if grad_pad.device.type == "cpu":
+            torch._foreach_add_(targets, sources)
+        else:
+            for target, source in zip(targets, sources):
+                target.add_(source)
+
+
+def _tap_views(view: Tensor, geom: ConvGeometry) -> list[Tensor]:
+    """Per kernel tap, in ``F.unfold`` order, the ``(C, nb, *block_out)`` view of a :func:`_column_view`."""
+    size, stride = view.shape, view.stride()
+    keep = (0, *range(1 + geom.ndim, view.dim()))
+    tap_size, tap_stride = [size[d] for d in keep], [stride[d] for d in keep]
+    offsets = [0]
+    for d in range(geom.ndim):  # row-major over the kernel dims
+        offsets = [o + i * stride[1 + d] for o in offsets for i in range(size[1 + d])]
+    base = view.storage_offset()
+    return [view.as_strided(tap_size, tap_stride, base + o) for o in offsets]
+
+
 def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
     """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (padded shape).
 
@@ -158,7 +243,11 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
     window of the input it covers: a few large ops per chunk. Otherwise one kernel tap at a time:
     for a fixed tap the map from location to input element is injective, so each write is a plain
     accumulate (faster for small kernels, e.g. 3x3 over a few channels, measured on CPU).
+    Gradients in the ``"columns"`` layout are added one tap per block, along the input's rows.
     """
+    if is_column_major(grad_patches):
+        _scatter_columns(grad_pad, grad_patches, chunk, geom)
+        return
     large = geom.kernel_numel >= 25 or geom.patch_size >= 256
     if geom.ndim == 2 and large and grad_patches.dtype in _FOLD_DTYPES:
         _scatter_folded(grad_pad, grad_patches, chunk, geom)
@@ -221,11 +310,14 @@ class PatchStream:
     """The input's patches: rows ``(B, C * prod(kernel_size))`` in ``F.unfold`` order.
 
     ``input_grad`` (backward only): keep a padded gradient buffer, to which each chunk's patch
-    gradients are added; :meth:`grad` maps it back through the padding.
+    gradients are added; :meth:`grad` maps it back through the padding. ``layout``: one of
+    :data:`PATCH_LAYOUTS`.
     """
 
-    def __init__(self, x: Tensor, geom: ConvGeometry, *, input_grad: bool = False) -> None:
+    def __init__(self, x: Tensor, geom: ConvGeometry, *, input_grad: bool = False, layout: str = "rows") -> None:
+        assert layout in PATCH_LAYOUTS, layout
         self.geom = geom
+        self.columns = layout == "columns"
         self.requires_grad = input_grad
         if input_grad:
             self._leaf = x.detach().requires_grad_()
@@ -237,6 +329,8 @@ class PatchStream:
             self._grad_pad = None
 
     def gather(self, chunk: ChunkIndex) -> Tensor:
+        if self.columns:
+            return gather_patch_columns(self.source, chunk, self.geom)
         return gather_patches(self.source, chunk, self.geom)
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
@@ -348,10 +442,13 @@ def make_streams(
     sources: Sequence[Tensor],
     geom: ConvGeometry,
     grads: Sequence[bool] | None = None,
+    *,
+    patch_layout: str = "rows",
 ) -> list[Stream]:
     """One stream per kind; the sourced kinds take ``sources`` in order (``grads``: which want a gradient).
 
-    Positions take the dtype and device of the first source (the input).
+    Positions take the dtype and device of the first source (the input); the input's patches
+    come in ``patch_layout`` (the guide's always in rows: they go to the generator).
     """
     wants = iter(grads if grads is not None else [False] * len(sources))
     tensors = iter(sources)
@@ -359,6 +456,8 @@ def make_streams(
     for kind in kinds:
         if kind == "positions":
             streams.append(PositionStream(geom, sources[0].dtype, sources[0].device))
+        elif kind == "patches":
+            streams.append(PatchStream(next(tensors), geom, input_grad=next(wants), layout=patch_layout))
         else:
             streams.append(_SOURCED[kind](next(tensors), geom, input_grad=next(wants)))
     return streams

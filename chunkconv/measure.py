@@ -247,7 +247,8 @@ def measure_step_cost(
             out_bytes = rows * geom.out_channels * out_dtype.itemsize
 
             def run_forward(sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows) -> object:
-                return forward_chunks(make_streams(streams, sources, probe), bound(), probe, rows, out_dtype, device)
+                chunked = make_streams(streams, sources, probe, patch_layout=step.patch_layout)
+                return forward_chunks(chunked, bound(), probe, rows, out_dtype, device)
 
             started = time.perf_counter()
             with torch.no_grad():
@@ -263,7 +264,7 @@ def measure_step_cost(
                     rows: int = rows,
                     grad_y: Tensor = grad_y,
                 ) -> object:
-                    chunked = make_streams(streams, sources, probe, grads)
+                    chunked = make_streams(streams, sources, probe, grads, patch_layout=step.patch_layout)
                     return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
 
                 started = time.perf_counter()
@@ -314,7 +315,7 @@ def uses_untracked_grads(
     sources = _probe_sources(streams, channels or (geom.in_channels,), probe, dtype, device)
     chunk = ChunkIndex.build(0, 2, probe)
     with forked_rng(device), torch.enable_grad():
-        rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe))
+        rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe, patch_layout=step.patch_layout))
         try:
             return bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes

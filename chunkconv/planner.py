@@ -221,6 +221,8 @@ class PlanRequest:
         estimate: with ``chunk_size`` given, still measure to fill in the estimates.
         sources: each sourced stream as ``(kind, channels, needs_grad)``: ``"patches"`` (the
             input), ``"guide"``, ``"features"``; default: the input alone, with ``input_grad``.
+        patch_layout: the layout the step reads the patches in (``"columns"``: chunks of whole
+            output rows where that costs few chunks, so that most chunks are one block each).
 
     """
 
@@ -240,6 +242,7 @@ class PlanRequest:
     kernel: str = "full"
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
+    patch_layout: str = "rows"
 
     def streamed(self) -> tuple[tuple[str, int, bool], ...]:
         """The sourced streams (see ``sources``)."""
@@ -331,8 +334,15 @@ class PeakModel:
         return self.fixed_backward if backward is not None and backward > forward else self.fixed_forward
 
 
-def choose_chunk_size(model: PeakModel, total: int, budget: int, device: torch.device) -> tuple[int, str]:
-    """The largest chunk whose required budget fits, evened out over the chunks; and why."""
+def choose_chunk_size(
+    model: PeakModel, total: int, budget: int, device: torch.device, row: int | None = None
+) -> tuple[int, str]:
+    """The largest chunk whose required budget fits, evened out over the chunks; and why.
+
+    ``row``: the patches of one output row, if chunks should be whole rows (then every chunk
+    starts at a row, and one inside an image is a single block); taken only where that shrinks
+    the chunk by at most :data:`ROW_ALIGNED_LOSS`.
+    """
     lo, hi = 1, total  # largest b with required(b) <= budget; required is non-decreasing in b
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -345,8 +355,18 @@ def choose_chunk_size(model: PeakModel, total: int, budget: int, device: torch.d
         cap = max(1, int(CPU_CHUNK_BYTES // max(model.per_patch(), 1.0)))
         if lo > cap:
             lo, why = cap, f"capped at {format_bytes(CPU_CHUNK_BYTES)} per chunk: faster in a CPU's caches"
+    if row and lo < total and (lo // row) * row >= (1 - ROW_ALIGNED_LOSS) * lo:
+        rows = total // row
+        chunks = math.ceil(rows / (lo // row))
+        return math.ceil(rows / chunks) * row, f"{why}, in whole rows"
     chunks = math.ceil(total / lo)
     return math.ceil(total / chunks), why  # same number of chunks, evenly sized: a lower peak
+
+
+# Chunks of whole output rows (for the "columns" patch layout) are taken when they are at most this
+# much smaller than the largest chunk that fits: a chunk of one block instead of three (a partial
+# row, whole rows, a partial row) runs a third of the copies and per-tap adds of its patches.
+ROW_ALIGNED_LOSS = 0.125
 
 
 def _too_small(request: PlanRequest, model: PeakModel, minimum: int) -> BudgetTooSmallError:
@@ -378,19 +398,19 @@ def _unchunked(
 
 
 def _choose_verified(
-    model: PeakModel, costs: CostSource, total: int, budget: int, device: torch.device
+    model: PeakModel, costs: CostSource, total: int, budget: int, device: torch.device, row: int | None = None
 ) -> tuple[int, str, PeakModel]:
     """The chosen chunk size, measured or bounded: a chunk beyond the largest probe is accepted only
     where :meth:`PeakModel.bounded_size` shows it fits; else the largest chunk that does is measured
     and the choice redone, so no probe risks more than the call it plans for (the first call included).
     """
-    size, reason = choose_chunk_size(model, total, budget, device)
+    size, reason = choose_chunk_size(model, total, budget, device, row)
     for _ in range(_EXTENSIONS):
         probed, bounded = model.cost.forward.points[-1][0], model.bounded_size(budget)
         if size <= probed or size <= bounded or bounded <= probed:
             break
         model = replace(model, cost=costs.extend(model.cost, min(size, bounded)))
-        size, reason = choose_chunk_size(model, total, budget, device)
+        size, reason = choose_chunk_size(model, total, budget, device, row)
     probed, bounded = model.cost.forward.points[-1][0], model.bounded_size(budget)
     if size > probed and size > bounded:  # neither measured nor bounded: keep to what is known to fit
         size, reason = max(probed, bounded), "largest chunks measured to fit the budget"
@@ -451,7 +471,8 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     assert budget is not None and base.minimum_budget is not None
     if budget < base.minimum_budget:
         raise _too_small(request, model, base.minimum_budget)
-    size, reason, model = _choose_verified(model, costs, total, budget, request.device)
+    row = geom.out_spatial[-1] if request.patch_layout == "columns" else None
+    size, reason, model = _choose_verified(model, costs, total, budget, request.device, row)
 
     # 4. the plan
     forward, backward = model.peaks(size)

@@ -59,3 +59,52 @@ def test_folded_scatter_equals_the_per_tap_scatter(data):
         offset = sum(kk * dd * s for kk, dd, s in zip(tap, geom.dilation, s_sp))
         blockwise(want.as_strided(size, strides, offset), chunk.cells, per_tap[:, :, t], "add")
     torch.testing.assert_close(folded, want)
+
+
+@st.composite
+def _chunk_geometries(draw):
+    """A geometry of 1-3 spatial dims (strides, dilations, channels, batch) and a chunk of it."""
+    from chunkconv.gather import ChunkIndex
+    from chunkconv.geometry import conv_spec
+
+    ndim = draw(st.integers(1, 3), label="ndim")
+    k = tuple(draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim), label="kernel_size"))
+    stride = tuple(draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim), label="stride"))
+    dil = tuple(draw(st.lists(st.integers(1, 2), min_size=ndim, max_size=ndim), label="dilation"))
+    c, n = draw(st.integers(1, 3), label="channels"), draw(st.integers(1, 3), label="batch")
+    spatial = tuple(draw(st.integers(d * (kk - 1) + 1, d * (kk - 1) + 6), label="size") for kk, d in zip(k, dil))
+    spec = conv_spec(ndim, in_channels=c, out_channels=1, kernel_size=k, stride=stride, dilation=dil)
+    geom = spec.geometry((n, c, *spatial))
+    start = draw(st.integers(0, geom.num_patches - 1), label="start")
+    end = draw(st.integers(start + 1, geom.num_patches), label="end")
+    return geom, ChunkIndex.build(start, end, geom)
+
+
+@given(case=_chunk_geometries())
+def test_patch_columns_hold_the_patch_rows_in_the_transposed_layout(case):
+    # the "columns" layout: the same (B, P) values, as the transpose of a contiguous (P, B) buffer
+    from chunkconv.gather import gather_patch_columns, gather_patches, is_column_major
+
+    geom, chunk = case
+    x = torch.randn(geom.batch, geom.in_channels, *geom.padded_spatial, dtype=torch.float64)
+    columns = gather_patch_columns(x, chunk, geom)
+    assert torch.equal(columns, gather_patches(x, chunk, geom))
+    if columns.shape[0] > 1 and columns.shape[1] > 1:  # else both layouts are one and the same memory
+        assert is_column_major(columns) and not is_column_major(columns.contiguous())
+
+
+@given(case=_chunk_geometries(), transposed=st.booleans())
+def test_column_scatter_equals_the_per_tap_scatter(case, transposed):
+    # column-major gradients are added one tap per block (on the CPU in one _foreach_add_); the
+    # scatter of contiguous rows is the definition; either layout gives the same sums
+    from chunkconv.gather import _scatter_columns, scatter_patch_grads
+
+    geom, chunk = case
+    grads = torch.randn(chunk.end - chunk.start, geom.patch_size, dtype=torch.float64)
+    if transposed:
+        grads = grads.t().contiguous().t()
+    got = torch.zeros(geom.batch, geom.in_channels, *geom.padded_spatial, dtype=torch.float64)
+    _scatter_columns(got, grads, chunk, geom)
+    want = torch.zeros_like(got)
+    scatter_patch_grads(want, grads.contiguous(), chunk, geom)
+    torch.testing.assert_close(got, want)

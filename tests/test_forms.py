@@ -304,3 +304,43 @@ def test_empty_batch_with_side_inputs_matches_the_reference(kernel):
     y.sum().backward()
     assert x.grad.shape == x.shape and f.grad.shape == f.shape
     assert all(p.grad is not None and not p.grad.any() for p in conv.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kernel", "inputs", "columns"),
+    [
+        ("shared", ("features",), True),
+        ("modulated", ("guide",), True),
+        ("modulated", ("positions", "features"), True),
+        ("shared", ("patches", "features"), False),  # the generator takes the patches: contiguous rows
+        ("full", ("features",), False),
+    ],
+)
+def test_structured_forms_read_the_patches_in_columns_unless_the_generator_takes_them(
+    monkeypatch, kernel, inputs, columns
+):
+    import chunkconv.gather as gather
+
+    calls = []
+    real = gather.gather_patch_columns
+    monkeypatch.setattr(gather, "gather_patch_columns", lambda *a: calls.append(a) or real(*a))
+    widths = {"patches": 2 * 9, "features": 3, "guide": 9, "positions": 2}
+    out = {"full": 2 * 2 * 9, "modulated": 9, "shared": 9}[kernel]
+    gen = Concat(sum(widths[k] for k in inputs), out).double()
+    conv = chunkconv.DynamicConv2d(
+        gen, 2, 2, 3, padding=1, kernel=kernel, inputs=inputs, chunk_size=13, dtype=F64, padding_mode="reflect"
+    )
+    x = torch.randn(2, 2, 7, 6, dtype=F64, requires_grad=True)
+    side = {"features": torch.randn(2, 3, 7, 6, dtype=F64), "guide": torch.randn(2, 1, 7, 6, dtype=F64)}
+    side = {k: v for k, v in side.items() if k in inputs}
+    y = conv(x, **side)
+    upstream = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, upstream)
+    assert bool(calls) is columns
+    ref = chunkconv.dynamic_conv_reference(
+        x, gen, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect", bias=conv.bias, kernel=kernel,
+        weight=conv.weight,
+        inputs=inputs, **side,
+    )  # fmt: skip
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(got, torch.autograd.grad(ref, x, upstream)[0])

@@ -94,3 +94,62 @@ def test_chunk_size_given_needs_no_measurement():
     request = dataclasses.replace(_request(None, chunk_size=100), estimate=False)
     plan = make_plan(request, Nothing())
     assert plan.chunk_size == 100 and plan.cost is None and plan.reason == "chunk_size given"
+
+
+@given(
+    per_patch=st.integers(1, 20_000),
+    factors=st.lists(st.floats(1.0, 200.0), min_size=2, max_size=5),
+    layout=st.sampled_from(["rows", "columns"]),
+)
+def test_column_layout_chunks_are_whole_rows_within_the_budget(per_patch, factors, layout):
+    # the "columns" patch layout may plan chunks of whole output rows: still within the budget,
+    # still no more chunks for a larger budget; the rows layout never does
+    def request(budget):
+        return dataclasses.replace(_request(budget), patch_layout=layout)
+
+    minimum = make_plan(request(2**60), TrueCosts(50_000, per_patch)).minimum_budget
+    chunks = []
+    for budget in sorted(int(minimum * f) for f in factors):
+        costs = TrueCosts(50_000, per_patch)
+        plan = make_plan(request(budget), costs)
+        assert (
+            SAFETY_FACTOR * _true_peak(request(budget), costs, plan.chunk_size) + safety_bytes(CPU) <= budget * 1.0001
+        )
+        if "in whole rows" in plan.reason:
+            assert layout == "columns" and plan.chunk_size % GEOM.out_spatial[-1] == 0
+        chunks.append(plan.num_chunks)
+    assert chunks == sorted(chunks, reverse=True)
+
+
+class _Linear:
+    """A peak model of exactly 100 bytes per patch (``choose_chunk_size`` needs no more)."""
+
+    def required(self, patches):
+        return 100 * patches
+
+    def per_patch(self):
+        return 100.0
+
+
+@pytest.mark.parametrize(
+    ("fits", "reason"),
+    [
+        (10 * 128 + 64, True),  # 10.5 rows fit: whole rows lose under 5%
+        (128 + 64, False),  # 1.5 rows fit: one row would lose a third; evened-out patches instead
+        (100, False),  # under a row: no rows to align to
+    ],
+)
+def test_whole_rows_are_taken_only_where_they_cost_little(fits, reason):
+    from chunkconv.planner import choose_chunk_size
+
+    total, row = 128 * 128, 128
+    size, why = choose_chunk_size(_Linear(), total, 100 * fits, torch.device("meta"), row)
+    assert ("in whole rows" in why) is reason
+    assert size <= fits and (size % row == 0) is reason
+    if reason:
+        assert size == 10 * row  # 128 rows in 13 chunks of at most 10 rows, evened out
+    else:
+        assert size == math.ceil(total / math.ceil(total / fits))
+    assert choose_chunk_size(_Linear(), total, 100 * fits, torch.device("meta"))[0] == math.ceil(
+        total / math.ceil(total / fits)
+    )  # without a row: as before
