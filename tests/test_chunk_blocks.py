@@ -48,6 +48,8 @@ def test_folded_scatter_equals_the_per_tap_scatter(data):
     end = draw(st.integers(start + 1, geom.num_patches), "end")
     chunk = ChunkIndex.build(start, end, geom)
     grads = torch.randn(end - start, geom.patch_size, dtype=torch.float64)
+    if draw(st.booleans(), "column-major"):  # as the structured forms' gradients come (folded on a GPU)
+        grads = grads.t().contiguous().t()
     folded = torch.zeros(n, c, *geom.padded_spatial, dtype=torch.float64)
     _scatter_folded(folded, grads, chunk, geom)
     want = torch.zeros_like(folded)
@@ -93,10 +95,14 @@ def test_patch_columns_hold_the_patch_rows_in_the_transposed_layout(case):
         assert is_column_major(columns) and not is_column_major(columns.contiguous())
 
 
-@given(case=_chunk_geometries(), transposed=st.booleans())
-def test_column_scatter_equals_the_per_tap_scatter(case, transposed):
-    # column-major gradients are added one tap per block (on the CPU in one _foreach_add_); the
-    # scatter of contiguous rows is the definition; either layout gives the same sums
+@given(case=_chunk_geometries(), transposed=st.booleans(), sequential=st.booleans())
+def test_column_scatter_equals_the_per_tap_scatter(case, transposed, sequential):
+    # column-major gradients are added one tap per block (on the CPU in one _foreach_add_, on other
+    # devices one add_ after another); the scatter of contiguous rows is the definition; either
+    # layout gives the same sums
+    from unittest import mock
+
+    from chunkconv import gather
     from chunkconv.gather import _scatter_columns, scatter_patch_grads
 
     geom, chunk = case
@@ -104,7 +110,8 @@ def test_column_scatter_equals_the_per_tap_scatter(case, transposed):
     if transposed:
         grads = grads.t().contiguous().t()
     got = torch.zeros(geom.batch, geom.in_channels, *geom.padded_spatial, dtype=torch.float64)
-    _scatter_columns(got, grads, chunk, geom)
+    with mock.patch.object(torch, "_foreach_add_", gather._add_each if sequential else torch._foreach_add_):
+        _scatter_columns(got, grads, chunk, geom)
     want = torch.zeros_like(got)
     scatter_patch_grads(want, grads.contiguous(), chunk, geom)
     torch.testing.assert_close(got, want)
