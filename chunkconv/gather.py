@@ -13,9 +13,10 @@ handles every stream alike.
 Patch rows come in one of two memory layouts (:data:`PATCH_LAYOUTS`), the same ``(B, C * K)``
 values either way: ``"rows"``, a contiguous ``(B, C * K)`` tensor, what a generator receives;
 and ``"columns"``, the transpose of a contiguous ``(C * K, B)`` buffer, ``F.unfold``'s layout
-(``nn.Conv2d``'s im2col path): copied in and added back along the input's own rows, long
-contiguous loops where rows copy ``kernel_size[-1]`` elements at a time, and contracted by the
-structured forms in the same layout. A step says which layout it wants (``ChunkStep.patch_layout``).
+(as ``nn.Conv2d``'s im2col path uses it). Columns are copied in and added back along the input's
+own rows, in long contiguous runs (rows move ``kernel_size[-1]`` elements at a time), and the
+structured forms contract them in that layout. A step says which layout it wants
+(``ChunkStep.patch_layout``).
 """
 
 from __future__ import annotations
