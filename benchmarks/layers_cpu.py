@@ -147,11 +147,19 @@ def measure_layer_case(case: LayerCase) -> dict:
             results["chunkconv"]["info"]["plan_summary"] = f"(plan unavailable: {type(error).__name__}: {error})"
     spent = {m: results[m]["first_s"] for m in alive}
     for _ in range(case.repeats):  # alternate: direct, chunkconv, direct, chunkconv, ...
-        for method in alive:
+        for method in list(alive):
             times = results[method]["times_s"]
             if spent[method] + (statistics.median(times) if times else results[method]["first_s"]) > case.max_seconds:
                 continue
-            times.append(step(method))
+            try:
+                times.append(step(method))
+            except Exception as error:  # e.g. out of memory under the cap on a later call: the method failed
+                results[method]["status"], results[method]["message"] = _failure(error)
+                alive.remove(method)
+                for leaf in leaves:
+                    leaf.grad = None
+                gc.collect()
+                continue
             spent[method] += times[-1]
     for method in alive:
         r = results[method]
