@@ -126,9 +126,14 @@ def measure_layer_case(case: LayerCase) -> dict:
         y.backward(grad_out)
         del y
         elapsed = time.perf_counter() - start
-        for leaf in leaves:  # every call starts without gradients: their allocation is part of its cost
-            leaf.grad = None
+        clear()  # every call starts without gradients: their allocation is part of its cost
         return elapsed
+
+    def clear(collect: bool = False) -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        if collect:  # after a failure: what the failed call held
+            gc.collect()
 
     alive = []
     for method in case.methods:  # warm-up; chunkconv's first call also plans (measures its generator)
@@ -137,9 +142,7 @@ def measure_layer_case(case: LayerCase) -> dict:
             alive.append(method)
         except Exception as error:
             results[method]["status"], results[method]["message"] = _failure(error)
-            for leaf in leaves:
-                leaf.grad = None
-            gc.collect()
+            clear(collect=True)
     if "chunkconv" in alive:
         try:
             results["chunkconv"]["info"]["plan_summary"] = _plan_summary(layer.plan(x, budget=wl.budget, **side))
@@ -156,9 +159,7 @@ def measure_layer_case(case: LayerCase) -> dict:
             except Exception as error:  # e.g. out of memory under the cap on a later call: the method failed
                 results[method]["status"], results[method]["message"] = _failure(error)
                 alive.remove(method)
-                for leaf in leaves:
-                    leaf.grad = None
-                gc.collect()
+                clear(collect=True)
                 continue
             spent[method] += times[-1]
     for method in alive:
@@ -174,9 +175,7 @@ def measure_layer_case(case: LayerCase) -> dict:
                 r["peak_bytes"] = tracker.peak
             except Exception as error:  # the times stand; the peak is unknown
                 r["memory_message"] = "{}: {}".format(*_failure(error))
-                for leaf in leaves:
-                    leaf.grad = None
-                gc.collect()
+                clear(collect=True)
                 continue
         else:
             step(method)

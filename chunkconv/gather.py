@@ -172,18 +172,22 @@ def is_column_major(rows: Tensor) -> bool:
 
 
 def _column_view(x_pad: Tensor, block: Block, geom: ConvGeometry) -> Tensor:
-    """A zero-copy view ``(C, *kernel_size, nb, *block_out)`` of one block's patches in ``x_pad``.
+    """One block of :func:`_patch_view`, dims moved to ``(C, *kernel_size, nb, *block_out)``.
 
     The ``"columns"`` layout of the block, as ``F.unfold`` would lay it out: its last dims run
     along the input's own rows (contiguous for stride 1), so copying it out is fast. Taps
-    overlap in memory: only ever indexed, copied out, or added to one tap at a time.
+    overlap in memory: only ever copied out, or added to one tap at a time.
     """
-    s_n, s_c, *s_sp = x_pad.stride()
-    (n0, n1), *spans = (_span(i, n) for i, n in zip(block, (geom.batch, *geom.out_spatial)))
-    offset = x_pad.storage_offset() + n0 * s_n + sum(o0 * st * s for (o0, _), st, s in zip(spans, geom.stride, s_sp))
-    size = (geom.in_channels, *geom.kernel_size, n1 - n0, *(o1 - o0 for o0, o1 in spans))
-    stride = (s_c, *(d * s for d, s in zip(geom.dilation, s_sp)), s_n, *(st * s for st, s in zip(geom.stride, s_sp)))
-    return x_pad.as_strided(size, stride, offset)
+    spans = tuple(slice(*_span(i, n)) for i, n in zip(block, (geom.batch, *geom.out_spatial)))
+    d = geom.ndim
+    return _patch_view(x_pad, geom)[spans].permute(d + 1, *range(d + 2, 2 * d + 2), *range(d + 1))
+
+
+def _tap_offsets(x_pad: Tensor, geom: ConvGeometry) -> list[int]:
+    """Per kernel tap, in ``F.unfold`` order, how far its element lies from the window's first in ``x_pad``."""
+    s_sp = x_pad.stride()[2:]
+    taps = itertools.product(*(range(k) for k in geom.kernel_size))
+    return [sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp)) for tap in taps]
 
 
 def gather_patch_columns(x_pad: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> Tensor:
@@ -209,14 +213,17 @@ def _scatter_columns(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, 
     fused foreach kernels would add overlapping views concurrently).
     """
     columns = grad_patches.t()
+    offsets = _tap_offsets(grad_pad, geom)
     pos = 0
     for block in chunk.cells:
         view = _column_view(grad_pad, block, geom)
-        n = math.prod(view.shape[1 + geom.ndim :])
+        per_tap = view.shape[1 + geom.ndim :]
+        n = math.prod(per_tap)
         part = columns[:, pos : pos + n].reshape(view.shape)  # a view for column-major gradients
         pos += n
-        per_tap = view.shape[1 + geom.ndim :]
-        targets = _tap_views(view, geom)
+        keep = (0, *range(1 + geom.ndim, view.dim()))  # the channel and block dims: one tap's view
+        size, stride = [view.shape[d] for d in keep], [view.stride(d) for d in keep]
+        targets = [view.as_strided(size, stride, view.storage_offset() + o) for o in offsets]
         sources = part.reshape(geom.in_channels, geom.kernel_numel, *per_tap).unbind(1)
         (torch._foreach_add_ if grad_pad.device.type == "cpu" else _add_each)(targets, sources)
 
@@ -225,18 +232,6 @@ def _add_each(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
     """``targets[i] += sources[i]``, one after another (the targets may overlap one another)."""
     for target, source in zip(targets, sources):
         target.add_(source)
-
-
-def _tap_views(view: Tensor, geom: ConvGeometry) -> list[Tensor]:
-    """Per kernel tap, in ``F.unfold`` order, the ``(C, nb, *block_out)`` view of a :func:`_column_view`."""
-    size, stride = view.shape, view.stride()
-    keep = (0, *range(1 + geom.ndim, view.dim()))
-    tap_size, tap_stride = [size[d] for d in keep], [stride[d] for d in keep]
-    offsets = [0]
-    for d in range(geom.ndim):  # row-major over the kernel dims
-        offsets = [o + i * stride[1 + d] for o in offsets for i in range(size[1 + d])]
-    base = view.storage_offset()
-    return [view.as_strided(tap_size, tap_stride, base + o) for o in offsets]
 
 
 def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
@@ -262,9 +257,7 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
     size = (geom.batch, *geom.out_spatial, geom.in_channels)
     stride = (s_n, *(st * s for st, s in zip(geom.stride, s_sp)), s_c)
     per_tap = grad_patches.view(-1, geom.in_channels, geom.kernel_numel)
-    taps = itertools.product(*(range(k) for k in geom.kernel_size))
-    for t, tap in enumerate(taps):
-        offset = sum(k * dil * s for k, dil, s in zip(tap, geom.dilation, s_sp))
+    for t, offset in enumerate(_tap_offsets(grad_pad, geom)):
         view = grad_pad.as_strided(size, stride, grad_pad.storage_offset() + offset)
         blockwise(view, chunk.cells, per_tap[:, :, t], "add")
 
