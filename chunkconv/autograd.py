@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from .binding import buffer_copies
-from .execute import ChunkStep, add_bias, backward_chunks, forward_chunks
-from .gather import SOURCED_KINDS, make_streams
+from .execute import ChunkStep, Executor, add_bias
 from .geometry import ConvGeometry
 from .progress import progress_bar
 from .replay import ReplayState
+from .streams import StreamSpec
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
 
@@ -28,22 +28,26 @@ __all__ = ["DynamicConvFunction", "ForwardContext"]
 class ForwardContext:
     """Everything non-tensor the Function needs to run and to replay a call.
 
-    ``streams`` names the per-location inputs a chunk reads, in order (see
-    :data:`chunkconv.gather.STREAM_KINDS`); the Function takes a source tensor for each but
-    ``"positions"``.
+    ``streams`` are the per-location inputs a chunk reads, in order (default: the input's
+    patches alone); the Function takes their source tensors (``arity`` each) after the bias.
     """
 
     step: ChunkStep  # the path's chunk arithmetic (generic or fast)
     geom: ConvGeometry
     chunk_size: int
     out_dtype: torch.dtype
-    streams: tuple[str, ...] = ("patches",)
+    streams: tuple[StreamSpec, ...] = ()
     progress: bool = False
 
     @property
+    def executor(self) -> Executor:
+        """The driver that runs the call (the one the planner's probes ran)."""
+        return Executor(self.step, self.geom, self.streams, self.out_dtype)
+
+    @property
     def num_sources(self) -> int:
-        """How many of the Function's tensor inputs are streamed sources (positions have none)."""
-        return sum(k in SOURCED_KINDS for k in self.streams)
+        """How many of the Function's tensor inputs are streamed sources."""
+        return self.executor.num_sources
 
 
 class DynamicConvFunction(torch.autograd.Function):
@@ -57,11 +61,8 @@ class DynamicConvFunction(torch.autograd.Function):
         ctx.replay = ReplayState.capture(device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(*tensors)
-        streams = make_streams(run.streams, sources, run.geom, patch_layout=run.step.patch_layout)
         with progress_bar(run.progress, run.geom.num_patches, "chunkconv forward") as tick:
-            y, ctx.ranges = forward_chunks(
-                streams, run.step.bind(None), run.geom, run.chunk_size, run.out_dtype, device, tick
-            )
+            y, ctx.ranges = run.executor.forward(sources, run.chunk_size, progress=tick)
         ctx.uses_rng = ctx.replay.rng.advanced()
         return add_bias(y, bias)
 
@@ -94,18 +95,17 @@ class DynamicConvFunction(torch.autograd.Function):
         def recompute() -> tuple[list[Tensor | None], list[Tensor | None]]:
             description = "chunkconv backward (recomputing each chunk)"
             with torch.enable_grad(), progress_bar(run.progress, run.geom.num_patches, description) as tick:
-                return backward_chunks(
-                    make_streams(run.streams, sources, run.geom, source_needs, patch_layout=run.step.patch_layout),
-                    run.step.bind(stand_ins, buffer_copies(run.step.generator)),
-                    run.geom,
+                return run.executor.backward(
+                    sources,
+                    source_needs,
                     ctx.ranges,
                     grad_y,
+                    bound=run.step.bind(stand_ins, buffer_copies(run.step.generator)),
                     splittable=not ctx.uses_rng,
                     progress=tick,
                 )
 
-        stream_grads, param_grads = ctx.replay.replay(recompute)
-        source_grads = [g for g, kind in zip(stream_grads, run.streams) if kind in SOURCED_KINDS]
+        source_grads, param_grads = ctx.replay.replay(recompute)
         return (None, grad_bias, *source_grads, *param_grads)
 
 

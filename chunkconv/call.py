@@ -11,7 +11,7 @@ called (``op``) lives on the :class:`Call`, so messages name it without threadin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from .checks import (
 )
 from .forms import FORMS, KernelForm, check_form
 from .geometry import ConvGeometry, ConvSpec
+from .streams import StreamSpec, describe_streams
 
 __all__ = ["Budget", "Call", "CallOptions", "Generator", "describe_call", "result_dtype"]
 
@@ -93,10 +94,9 @@ class Call:
 
     ``params`` are the generator's parameters by name (the tensors autograd tracks); ``training``
     says whether backward will run; ``op`` names the public function or module called.
-    ``streams`` are the per-location inputs a chunk reads (the patches first, then each other
-    kind the generator receives); ``generator_inputs`` index them in the generator's order;
-    ``channels`` gives each sourced stream's channel count and ``source_grads`` whether it needs
-    a gradient (in ``streams`` order, positions excluded).
+    ``streams`` describe the per-location inputs a chunk reads (the patches first, then each
+    other kind the generator receives: kind, channels, whether it needs a gradient);
+    ``generator_inputs`` index them in the generator's order.
     """
 
     op: str
@@ -111,10 +111,8 @@ class Call:
     params: dict[str, Tensor]
     options: CallOptions
     form: KernelForm
-    streams: tuple[str, ...] = ("patches",)
+    streams: tuple[StreamSpec, ...] = ()
     generator_inputs: tuple[int, ...] = (0,)
-    channels: tuple[int, ...] = ()
-    source_grads: tuple[bool, ...] = ()
 
 
 def describe_call(
@@ -147,12 +145,13 @@ def describe_call(
     side = side or {}
     check_side_inputs(side, options.inputs, geom, unbatched, dtype, device, op)
     params = check_generator(generator, device, dtype, options.allow_batch_coupled)
-    streams = ("patches", *(k for k in options.inputs if k != "patches"))
-    side_grads = tuple(_requires_grad(side[k]) for k in streams[1:] if k != "positions")
+    given = {k: (_shape(t)[1 - unbatched], _requires_grad(t)) for k, t in side.items()}
+    streams = describe_streams(options.inputs, spec.in_channels, input_grad, given)
     if training is None:
         tracked = (*params.values(), *(t for t in (bias, weight) if t is not None))
-        wanted = input_grad or any(side_grads) or any(t.requires_grad for t in tracked)
+        wanted = any(s.requires_grad for s in streams) or any(t.requires_grad for t in tracked)
         training = torch.is_grad_enabled() and wanted
+    streams = tuple(replace(s, requires_grad=s.requires_grad and training) for s in streams)
     return Call(
         op=op,
         spec=spec,
@@ -167,9 +166,7 @@ def describe_call(
         options=options,
         form=KernelForm(options.kernel, geom, kernel_groups),
         streams=streams,
-        generator_inputs=tuple(streams.index(k) for k in options.inputs),
-        channels=(spec.in_channels, *(_shape(side[k])[1 - unbatched] for k in streams[1:] if k != "positions")),
-        source_grads=(input_grad and training, *(g and training for g in side_grads)),
+        generator_inputs=tuple([s.name for s in streams].index(k) for k in options.inputs),
     )
 
 

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from .budget import parse_budget
 from .errors import BatchCoupledGeneratorError
 from .geometry import ConvGeometry
+from .streams import KINDS
 
 __all__ = [
     "AUTOCAST_DTYPES",
     "autocast_compatible",
-    "INPUT_KINDS",
     "PATHS",
     "SideInput",
     "batched_shape",
@@ -176,7 +176,6 @@ def check_generator(
 
 # -- side inputs and the static weight ----------------------------------------------------------
 
-INPUT_KINDS = ("patches", "features", "guide", "positions")
 SideInput = Tensor | Sequence[int]  # a tensor, or (for plans) only its shape
 
 
@@ -184,9 +183,9 @@ def check_inputs(inputs: object) -> tuple[str, ...]:
     """Normalise ``inputs`` (what the generator receives) to a checked tuple of kinds."""
     if isinstance(inputs, str):
         inputs = (inputs,)
-    if not isinstance(inputs, Sequence) or not inputs or any(k not in INPUT_KINDS for k in inputs):
+    if not isinstance(inputs, Sequence) or not inputs or any(k not in KINDS for k in inputs):
         raise ValueError(
-            f"Invalid value for `inputs`; expected a non-empty tuple of {INPUT_KINDS} (what the generator "
+            f"Invalid value for `inputs`; expected a non-empty tuple of {tuple(KINDS)} (what the generator "
             f"receives, in order), got inputs={inputs!r}."
         )
     if len(set(inputs)) != len(inputs):
@@ -204,7 +203,8 @@ def check_side_inputs(
     op: str,
 ) -> None:
     """Check ``features`` and ``guide`` against ``inputs`` and the call's geometry, before any work."""
-    for name in ("features", "guide"):
+    for kind in (k for k in KINDS.values() if k.side):
+        name = kind.name
         given = side.get(name)
         if given is None and name in inputs:
             raise ValueError(f"inputs={inputs!r} gives the generator `{name}`, but {op} got no `{name}=` tensor.")
@@ -215,15 +215,15 @@ def check_side_inputs(
             )
         if given is None:
             continue
-        spatial = geom.out_spatial if name == "features" else geom.in_spatial
-        where = "one column per output location" if name == "features" else "windowed like the input"
+        output = kind.grid == "output"
+        spatial = geom.out_spatial if output else geom.in_spatial
         shape = tuple(given.shape) if isinstance(given, Tensor) else tuple(int(s) for s in given)
         lead = () if unbatched else (geom.batch,)
         if len(shape) != len(lead) + 1 + geom.ndim or shape[len(lead) + 1 :] != spatial or shape[: len(lead)] != lead:
             expected = (*lead, name[0].upper(), *spatial)
             raise ValueError(
-                f"Invalid shape for `{name}` of {op}; expected {expected} ({where}: batch and spatial size "
-                f"{spatial} {'of the output' if name == 'features' else 'of the input'}), got {shape}."
+                f"Invalid shape for `{name}` of {op}; expected {expected} ({kind.where}: batch and spatial size "
+                f"{spatial} {'of the output' if output else 'of the input'}), got {shape}."
             )
         if shape[len(lead)] < 1:
             raise ValueError(f"Invalid shape for `{name}` of {op}; expected at least one channel, got {shape}.")

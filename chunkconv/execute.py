@@ -1,18 +1,22 @@
 """Stream a dynamic convolution chunk by chunk over the location dimension.
 
 The executor owns the loop: for each chunk it gathers the rows of every per-location input
-(:mod:`.gather`'s streams: today the patches), hands them to the path's chunk arithmetic (a
+(the streams a call's :class:`~chunkconv.streams.StreamSpec` describe: the patches, and any side
+input or positions the generator receives), hands them to the path's chunk arithmetic (a
 :class:`ChunkStep`: :class:`GeneratorStep` here, the generator making every patch's weight; the
 fast path's in :mod:`.fast_execute`) and writes the output rows; in backward it recomputes each
 chunk and hands every stream its rows' gradients. A chunk that runs out of device memory is
 retried in smaller pieces. Chunks are ranges of the flat ``N * L`` location index.
+
+:class:`Executor` is the one driver: the autograd Function, the no-grad path and the planner's
+probes all run a call through it, so that what the planner measures is what the call runs.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -25,10 +29,12 @@ from .forms import KernelForm, contract
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
 from .replay import RngState
+from .streams import StreamSpec, default_streams, make_streams
 
 __all__ = [
     "BoundStep",
     "ChunkStep",
+    "Executor",
     "GeneratorStep",
     "accumulation_dtype",
     "add_bias",
@@ -326,3 +332,69 @@ def _deliver(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Return the dtype sums over chunks run in: ``dtype``, but at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class Executor:
+    """One call's chunk loop: a step, the geometry it runs on and the streams it reads.
+
+    ``forward`` and ``backward`` open the streams over the call's source tensors (in
+    :func:`chunkconv.streams.stream_sources` order) and run :func:`forward_chunks` /
+    :func:`backward_chunks`; the autograd Function, the no-grad path and the planner's probes
+    (on a probe's geometry, :meth:`on`) all go through them.
+    """
+
+    step: ChunkStep
+    geom: ConvGeometry
+    streams: tuple[StreamSpec, ...] = ()
+    out_dtype: torch.dtype | None = None
+
+    def on(self, geom: ConvGeometry) -> Executor:
+        """The same call on another geometry (a probe's)."""
+        return replace(self, geom=geom)
+
+    @property
+    def specs(self) -> tuple[StreamSpec, ...]:
+        """The streams, the input's patches alone by default."""
+        return self.streams or default_streams(self.geom)
+
+    @property
+    def num_sources(self) -> int:
+        """How many source tensors the streams read."""
+        return sum(s.arity for s in self.specs)
+
+    def open(self, sources: Sequence[Tensor], grads: Sequence[bool] | None = None) -> list[Stream]:
+        """The streams over ``sources`` (``grads``: per source, whether backward wants its gradient)."""
+        return make_streams(self.specs, sources, self.geom, grads, patch_layout=self.step.patch_layout)
+
+    def forward(
+        self,
+        sources: Sequence[Tensor],
+        chunk_size: int,
+        *,
+        bound: BoundStep | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The output without bias and the chunk ranges used (``bound``: default the generator's own parameters)."""
+        out_dtype = self.out_dtype or sources[0].dtype
+        step = bound if bound is not None else self.step.bind(None)
+        return forward_chunks(self.open(sources), step, self.geom, chunk_size, out_dtype, sources[0].device, progress)
+
+    def backward(
+        self,
+        sources: Sequence[Tensor],
+        grads: Sequence[bool],
+        ranges: Sequence[tuple[int, int]],
+        grad_y: Tensor,
+        *,
+        bound: BoundStep,
+        splittable: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Recompute the forward's ``ranges``; the gradients of the sources (one per source) and of the parameters."""
+        streams = self.open(sources, grads)
+        stream_grads, param_grads = backward_chunks(
+            streams, bound, self.geom, ranges, grad_y, splittable=splittable, progress=progress
+        )
+        source_grads = [g for spec, sg in zip(self.specs, stream_grads) for g in spec.kind.split_grad(sg)]
+        return source_grads, param_grads

@@ -19,14 +19,14 @@ from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
 from .checks import check_input_type
-from .execute import ChunkStep, add_bias, forward_chunks
+from .execute import ChunkStep, Executor, add_bias
 from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
-from .gather import make_streams
 from .geometry import ConvSpec, conv_spec_for_input
 from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
 from .progress import progress_bar, wants_progress
+from .streams import stream_sources
 
 __all__ = [
     "apply_spec",
@@ -58,12 +58,12 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         call.form.name,
         call.form.kernel_groups,
         call.options.inputs,
-        call.channels,
+        tuple(s.channels for s in call.streams),
     )
     step_key = (type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
-    mode = (call.training, call.source_grads)
+    mode = (call.training, tuple(s.requires_grad for s in call.streams))
     plan_key = ("plan", key, mode, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
     if plan_key in cache:
         return cache[plan_key]
@@ -71,7 +71,6 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
     # over several chunks the previous and the new running sum coexist with a chunk's gradient,
     # accumulated in at least float32
     tracked = [*(module.parameters() if module else ()), *step.extras]
-    sourced = [k for k in call.streams if k != "positions"]
     request = PlanRequest(
         geom,
         call.dtype,
@@ -85,7 +84,7 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         chunk_size=chunk_size,
         param_bytes=sum(p.numel() * max(4, p.element_size()) for p in tracked),
         estimate=estimate,
-        sources=tuple(zip(sourced, call.channels, call.source_grads)),
+        streams=call.streams,
         kernel=call.form.name,
         generated=call.form.weight_entries(),
         inputs=call.options.inputs,
@@ -102,8 +101,6 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         key=key,
         step_key=step_key,
         streams=call.streams,
-        channels=call.channels,
-        source_grads=call.source_grads,
     )
     plan = make_plan(request, costs)
     if plan.cost is not None and plan.cost.method != MEASURED:  # a fallback bound: measure again next time
@@ -139,7 +136,7 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
     Its captures are invisible, so it is checked on every training call (one run on two rows);
     a module's parameters are tracked, and its forward is not run more often than it must be.
     """
-    untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams, call.channels)
+    untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams)
     if untracked:
         raise ValueError(
             f"Invalid `generator` for {call.op}: the generator is a plain callable whose output needs a "
@@ -189,7 +186,7 @@ def apply_spec(
     )
     step, plan = _prepare(call, generator, weight, estimate=False)
     batch = (lambda t: t.unsqueeze(0)) if call.unbatched else (lambda t: t)
-    sources = [batch(input), *(batch(side[k]) for k in call.streams[1:] if k != "positions")]
+    sources = stream_sources(call.streams, batch(input), {k: batch(t) for k, t in side.items()})
     geom = call.geom
     seconds = plan.estimated_seconds
     show = wants_progress(call.options.progress, seconds and seconds[0] + (seconds[1] or 0.0))
@@ -198,9 +195,9 @@ def apply_spec(
         y = DynamicConvFunction.apply(run, bias, *sources, *call.params.values(), *step.extras)
     else:
         # nothing to differentiate: record no graph, whatever the generator captures
+        executor = Executor(step, geom, call.streams, call.out_dtype)
         with torch.no_grad(), progress_bar(show, geom.num_patches, "chunkconv forward") as tick:
-            streams = make_streams(call.streams, sources, geom, patch_layout=step.patch_layout)
-            y, _ = forward_chunks(streams, step.bind(None), geom, plan.chunk_size, call.out_dtype, input.device, tick)
+            y, _ = executor.forward(sources, plan.chunk_size, progress=tick)
         add_bias(y, bias)
     return y.squeeze(0) if call.unbatched else y
 

@@ -39,8 +39,6 @@ __all__ = [
     "ChunkIndex",
     "PatchStream",
     "Stream",
-    "SOURCED_KINDS",
-    "STREAM_KINDS",
     "FeatureStream",
     "GuideStream",
     "PositionStream",
@@ -50,7 +48,6 @@ __all__ = [
     "gather_patch_columns",
     "gather_patches",
     "is_column_major",
-    "make_streams",
     "pad_input",
     "range_blocks",
     "scatter_patch_grads",
@@ -424,39 +421,3 @@ class PositionStream:
 
     def grad(self) -> Tensor | None:
         return None
-
-
-# The kinds of stream a call can consume; all but "positions" read a tensor (the call's sources).
-STREAM_KINDS = ("patches", "features", "guide", "positions")
-SOURCED_KINDS = ("patches", "features", "guide")
-_SOURCED: dict[str, type[PatchStream] | type[FeatureStream]] = {
-    "patches": PatchStream,
-    "features": FeatureStream,
-    "guide": GuideStream,
-}
-
-
-def make_streams(
-    kinds: Sequence[str],
-    sources: Sequence[Tensor],
-    geom: ConvGeometry,
-    grads: Sequence[bool] | None = None,
-    *,
-    patch_layout: str = "rows",
-) -> list[Stream]:
-    """One stream per kind; the sourced kinds take ``sources`` in order (``grads``: which want a gradient).
-
-    Positions take the dtype and device of the first source (the input); the input's patches
-    come in ``patch_layout`` (the guide's always in rows: they go to the generator).
-    """
-    wants = iter(grads if grads is not None else [False] * len(sources))
-    tensors = iter(sources)
-    streams: list[Stream] = []
-    for kind in kinds:
-        if kind == "positions":
-            streams.append(PositionStream(geom, sources[0].dtype, sources[0].device))
-        elif kind == "patches":
-            streams.append(PatchStream(next(tensors), geom, input_grad=next(wants), layout=patch_layout))
-        else:
-            streams.append(_SOURCED[kind](next(tensors), geom, input_grad=next(wants)))
-    return streams

@@ -25,11 +25,12 @@ from torch.utils._pytree import tree_flatten
 
 from .binding import buffer_copies
 from .errors import GeneratorOutputError
-from .execute import BoundStep, ChunkStep, GeneratorStep, backward_chunks, forward_chunks
-from .gather import ChunkIndex, make_streams
+from .execute import BoundStep, ChunkStep, Executor, GeneratorStep
+from .gather import ChunkIndex
 from .geometry import ConvGeometry, conv_geometry
 from .memory import MemoryTracker
 from .replay import forked_rng
+from .streams import StreamSpec, default_streams
 
 __all__ = [
     "PROBE_ROWS",
@@ -40,6 +41,7 @@ __all__ = [
     "generator_state",
     "measure_step_cost",
     "probe_sizes",
+    "probe_sources",
     "remember",
     "uses_untracked_grads",
 ]
@@ -212,20 +214,19 @@ def measure_step_cost(
     input_grad: bool,
     sizes: Sequence[int],
     limit: int | None = None,
-    streams: Sequence[str] = ("patches",),
-    channels: Sequence[int] | None = None,
-    source_grads: Sequence[bool] | None = None,
+    streams: tuple[StreamSpec, ...] = (),
 ) -> ChunkCost:
     """Run one real chunk step of ``step`` on probe batches of ``sizes`` patches; bytes at each.
 
-    ``streams`` are the kinds of per-location input the step reads (the patches first),
-    ``channels`` the sourced ones' channel counts and ``source_grads`` which of them need a
-    gradient (default: the input's, ``input_grad``). After the first two, a probe whose predicted
-    cost exceeds ``limit`` bytes is skipped, so that probing never allocates much more than the
-    budget it plans for. Forward hooks on the generator do see the probe calls.
+    ``streams`` are the call's streams (default: the input's patches alone, needing a gradient
+    when ``input_grad``); the probes run them through the call's own :class:`~.execute.Executor`.
+    After the first two, a probe whose predicted cost exceeds ``limit`` bytes is skipped, so that
+    probing never allocates much more than the budget it plans for. Forward hooks on the generator
+    do see the probe calls.
     """
-    channels = tuple(channels) if channels is not None else (geom.in_channels,)
-    grads = tuple(source_grads) if source_grads is not None else (input_grad,)
+    specs = streams or default_streams(geom, input_grad)
+    executor = Executor(step, geom, specs, out_dtype)
+    grads = [s.requires_grad for s in specs for _ in range(s.arity)]
     params, buffers = _stand_ins(step)
 
     def bound() -> BoundStep:  # bound inside each measurement: binding may lay parameters out anew
@@ -243,12 +244,12 @@ def measure_step_cost(
                 if _PROBE_HEADROOM * largest * rows / last_rows > limit:
                     break
             probe = probe_geometry(geom, rows)
-            sources = _probe_sources(streams, channels, probe, dtype, device)
+            run = executor.on(probe)
+            sources = probe_sources(specs, probe, dtype, device)
             out_bytes = rows * geom.out_channels * out_dtype.itemsize
 
-            def run_forward(sources: list[Tensor] = sources, probe: ConvGeometry = probe, rows: int = rows) -> object:
-                chunked = make_streams(streams, sources, probe, patch_layout=step.patch_layout)
-                return forward_chunks(chunked, bound(), probe, rows, out_dtype, device)
+            def run_forward(sources: list[Tensor] = sources, run: Executor = run, rows: int = rows) -> object:
+                return run.forward(sources, rows, bound=bound())
 
             started = time.perf_counter()
             with torch.no_grad():
@@ -259,13 +260,9 @@ def measure_step_cost(
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
 
                 def run_backward(
-                    sources: list[Tensor] = sources,
-                    probe: ConvGeometry = probe,
-                    rows: int = rows,
-                    grad_y: Tensor = grad_y,
+                    sources: list[Tensor] = sources, run: Executor = run, rows: int = rows, grad_y: Tensor = grad_y
                 ) -> object:
-                    chunked = make_streams(streams, sources, probe, grads, patch_layout=step.patch_layout)
-                    return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
+                    return run.backward(sources, grads, [(0, rows)], grad_y, bound=bound())
 
                 started = time.perf_counter()
                 with torch.enable_grad():
@@ -283,15 +280,11 @@ def measure_step_cost(
     )
 
 
-def _probe_sources(
-    streams: Sequence[str], channels: Sequence[int], probe: ConvGeometry, dtype: torch.dtype, device: torch.device
+def probe_sources(
+    specs: Sequence[StreamSpec], probe: ConvGeometry, dtype: torch.dtype, device: torch.device
 ) -> list[Tensor]:
-    """Random tensors for a probe's sourced streams: input and guide over the input, features over the output."""
-    kinds = [k for k in streams if k != "positions"]
-    return [
-        torch.randn((1, c, *(probe.out_spatial if k == "features" else probe.in_spatial)), dtype=dtype, device=device)
-        for k, c in zip(kinds, channels)
-    ]
+    """Random tensors for a probe's streams, each kind's on its own grid."""
+    return [t for s in specs for t in s.kind.probe_sources(s, probe, dtype, device)]
 
 
 def uses_untracked_grads(
@@ -299,8 +292,7 @@ def uses_untracked_grads(
     geom: ConvGeometry,
     dtype: torch.dtype,
     device: torch.device,
-    streams: Sequence[str] = ("patches",),
-    channels: Sequence[int] | None = None,
+    streams: tuple[StreamSpec, ...] = (),
 ) -> bool:
     """Whether the step's output needs a gradient although neither its rows nor its parameters do.
 
@@ -312,10 +304,11 @@ def uses_untracked_grads(
     detached = [p.detach() for p in params]
     bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
     probe = probe_geometry(geom, 2)
-    sources = _probe_sources(streams, channels or (geom.in_channels,), probe, dtype, device)
+    executor = Executor(step, probe, streams or default_streams(geom))
+    sources = probe_sources(executor.specs, probe, dtype, device)
     chunk = ChunkIndex.build(0, 2, probe)
     with forked_rng(device), torch.enable_grad():
-        rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe, patch_layout=step.patch_layout))
+        rows = tuple(s.gather(chunk) for s in executor.open(sources))
         try:
             return bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
@@ -405,17 +398,16 @@ class ProbedCosts:
         cache: dict[tuple, Any],
         key: tuple,
         step_key: tuple,
-        streams: tuple[str, ...] = ("patches",),
-        channels: tuple[int, ...] = (),
-        source_grads: tuple[bool, ...] = (False,),
+        streams: tuple[StreamSpec, ...] = (),
     ) -> None:
         self.step, self.geom, self.cache = step, geom, cache
         self.dtype, self.out_dtype, self.device = dtype, out_dtype, device
-        self.training, self.source_grads = training, source_grads
-        self.streams, self.channels = streams, channels or (geom.in_channels,)
+        self.training = training
+        self.streams = streams or default_streams(geom)
         self.sizes = probe_sizes(device, geom.num_patches)
-        self._key = ("cost", key, step_key, self.sizes, training, source_grads)
-        self._reference_key = ("cost", key, "generic", self.sizes, training, source_grads)
+        grads = tuple(s.requires_grad for s in self.streams)
+        self._key = ("cost", key, step_key, self.sizes, training, grads)
+        self._reference_key = ("cost", key, "generic", self.sizes, training, grads)
         self._forward_key = ("cost", key, step_key, self.sizes)  # forward is measured alike in every mode
 
     def _probe(self, step: ChunkStep, sizes: Sequence[int], limit: int | None) -> ChunkCost:
@@ -426,12 +418,10 @@ class ProbedCosts:
             out_dtype=self.out_dtype,
             device=self.device,
             training=self.training,
-            input_grad=self.source_grads[0],
+            input_grad=self.streams[0].requires_grad,
             sizes=sizes,
             limit=limit,
             streams=self.streams,
-            channels=self.channels,
-            source_grads=self.source_grads,
         )
 
     def _measured(self, step: ChunkStep, key: tuple, limit: int | None) -> ChunkCost:

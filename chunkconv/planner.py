@@ -32,6 +32,7 @@ from .errors import BudgetTooSmallError
 from .fastpath import PathChoice
 from .geometry import ConvGeometry
 from .measure import ChunkCost
+from .streams import StreamSpec, default_streams
 
 __all__ = [
     "CPU_CHUNK_BYTES",
@@ -219,8 +220,8 @@ class PlanRequest:
         chunk_size: patches per chunk, overriding the budget.
         param_bytes: bytes of one running sum of the generator's parameter gradients.
         estimate: with ``chunk_size`` given, still measure to fill in the estimates.
-        sources: each sourced stream as ``(kind, channels, needs_grad)``: ``"patches"`` (the
-            input), ``"guide"``, ``"features"``; default: the input alone, with ``input_grad``.
+        streams: the call's streams (:class:`~chunkconv.streams.StreamSpec`); default: the
+            input's patches alone, with ``input_grad``.
         patch_layout: the layout the step reads the patches in (``"columns"``: chunks of whole
             output rows where that costs few chunks, so that most chunks are one block each).
 
@@ -238,15 +239,15 @@ class PlanRequest:
     chunk_size: int | None = None
     param_bytes: int = 0
     estimate: bool = True
-    sources: tuple[tuple[str, int, bool], ...] = ()
+    streams: tuple[StreamSpec, ...] = ()
     kernel: str = "full"
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
     patch_layout: str = "rows"
 
-    def streamed(self) -> tuple[tuple[str, int, bool], ...]:
-        """The sourced streams (see ``sources``)."""
-        return self.sources or (("patches", self.geom.in_channels, self.input_grad),)
+    def streamed(self) -> tuple[StreamSpec, ...]:
+        """The streams (see ``streams``)."""
+        return self.streams or default_streams(self.geom, self.input_grad)
 
 
 class CostSource(Protocol):
@@ -265,18 +266,10 @@ def fixed_costs(request: PlanRequest) -> tuple[dict[str, int], dict[str, int]]:
     item, out_item = request.dtype.itemsize, request.out_dtype.itemsize
     forward = {"output": geom.num_patches * geom.out_channels * out_item}
     backward: dict[str, int] = {}
-    for kind, channels, grad in request.streamed():
-        name = "input" if kind == "patches" else kind
-        if kind == "features":  # read in place; its gradient is one buffer of its size
-            backward[f"{name} gradient"] = geom.num_patches * channels * item if grad else 0
-            continue
-        padded = geom.batch * channels * math.prod(geom.padded_spatial) * item
-        unpadded = geom.batch * channels * math.prod(geom.in_spatial) * item
-        pad_copy = padded if geom.is_padded else 0
-        forward[f"padded {name}"] = pad_copy
-        backward[f"padded {name}"] = pad_copy
-        backward[f"{name} gradient (padded)"] = padded if grad else 0
-        backward[f"{name} gradient"] = unpadded if grad and geom.is_padded else 0
+    for spec in request.streamed():
+        more_forward, more_backward = spec.kind.fixed_costs(spec, geom, item)
+        forward.update(more_forward)
+        backward.update(more_backward)
     backward["gradient accumulators"] = 2 * request.param_bytes
     backward["cuBLAS workspace of autograd's thread"] = CUDA_BACKWARD_WORKSPACE if device.type == "cuda" else 0
     return forward, backward
