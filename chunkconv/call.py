@@ -30,7 +30,7 @@ from .checks import (
     check_side_inputs,
     check_static_weight,
 )
-from .forms import FORMS, KernelForm, check_form
+from .forms import FORMS, KernelForm, check_form, make_form
 from .geometry import ConvGeometry, ConvSpec
 from .streams import StreamSpec, describe_streams
 
@@ -164,7 +164,7 @@ def describe_call(
         input_grad=input_grad and training,
         params=params,
         options=options,
-        form=KernelForm(options.kernel, geom, kernel_groups),
+        form=make_form(options.kernel, geom, kernel_groups),
         streams=streams,
         generator_inputs=tuple([s.name for s in streams].index(k) for k in options.inputs),
     )

@@ -25,7 +25,7 @@ from torch import Tensor
 from .binding import bind_parameters
 from .checks import autocast_compatible
 from .errors import GeneratorOutputError
-from .forms import KernelForm, contract
+from .forms import Full, KernelForm, contract
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
 from .replay import RngState
@@ -113,18 +113,19 @@ class GeneratorStep:
         """``"columns"`` where they pay: a structured form whose generator does not take the patches
         (a generator receives contiguous rows); then only the form reads them.
         """
-        structured = self.form is not None and self.form.name != "full"
-        return "columns" if structured and 0 not in self.inputs else "rows"
+        columns = self.form is not None and self.form.COLUMNS
+        return "columns" if columns and 0 not in self.inputs else "rows"
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
-        form = self.form or KernelForm("full", self.geom)
+        form = self.form or Full(self.geom)
+        layout = self.patch_layout
         if params is None:
-            return _BoundGenerator(self.generator, (), self.geom, form, self.inputs, self.static)
+            return _BoundGenerator(self.generator, (), self.geom, form, self.inputs, self.static, layout)
         n = len(self.param_names)
         tensors = {**dict(zip(self.param_names, params[:n])), **(buffers or {})}
         static = params[n] if len(params) > n else self.static
         return _BoundGenerator(
-            bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static
+            bind_parameters(self.generator, tensors), tuple(params), self.geom, form, self.inputs, static, layout
         )
 
 
@@ -136,6 +137,7 @@ class _BoundGenerator:
     form: KernelForm
     inputs: tuple[int, ...]
     static: Tensor | None
+    layout: str = "rows"  # of the patch rows (chunkconv.gather.PATCH_LAYOUTS)
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -146,7 +148,7 @@ class _BoundGenerator:
         given = [rows[i] for i in self.inputs]
         out = self.generator(*given)
         check_output_dtype(out, patches, "The generator")
-        return self.form.apply(self.form.generated(out, given), patches, self.static)
+        return self.form.apply(self.form.generated(out, given), patches, self.static, self.layout)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         grads = iter(leaf_grads)

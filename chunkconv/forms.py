@@ -11,11 +11,16 @@
   ``c`` filtered with the kernel of group ``c // (in / G)`` (consecutive channels share). Never
   forms an ``(out, in)`` weight.
 
-Each form checks the generator's output (:meth:`KernelForm.generated`) and contracts it with the
-chunk's patch rows (:meth:`KernelForm.apply`). Pure shape logic plus a few tensor ops per chunk.
-The structured forms contract patch rows in either layout of :mod:`.gather` (the same values):
-contiguous rows, or the ``"columns"`` layout, which they compute in as ``nn.Conv2d``'s im2col
-path does (output rows then come back as the transpose of a contiguous ``(out, B)`` result).
+Each form is a :class:`KernelForm` subclass (:class:`Full`, :class:`Modulated`, :class:`Shared`)
+that owns its name, the arguments it accepts (:meth:`KernelForm.check`), the per-location shapes
+the generator may return (:attr:`KernelForm.shapes`, checked by :meth:`KernelForm.generated`), the
+contraction with the chunk's patch rows (:meth:`KernelForm.apply`), why the fast path cannot run
+it (:attr:`KernelForm.fast_path_blocker`), the entries it makes per location and the text the plan
+prints (:meth:`KernelForm.describe`). :data:`FORM_CLASSES` lists them by the name ``kernel=``
+takes. Pure shape logic plus a few tensor ops per chunk. The structured forms contract patch rows
+in either layout of :mod:`.gather` (the same values), passed to :meth:`KernelForm.apply`
+explicitly: contiguous rows, or the ``"columns"`` layout, which they compute in as ``nn.Conv2d``'s
+im2col path does (output rows then come back as the transpose of a contiguous ``(out, B)`` result).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +37,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .errors import GeneratorOutputError
-from .gather import is_column_major
 from .geometry import ConvGeometry
 
-__all__ = ["FORMS", "KernelForm", "check_form", "contract", "static_weight_shape"]
-
-FORMS = ("full", "modulated", "shared")
-
-
-def static_weight_shape(geom: ConvGeometry) -> tuple[int, ...]:
-    """The modulated form's static weight: ``nn.Conv*d``'s ``(out, in / groups, *kernel_size)``."""
-    return geom.weight_shape
+__all__ = [
+    "FORMS",
+    "FORM_CLASSES",
+    "Full",
+    "KernelForm",
+    "Modulated",
+    "Shared",
+    "check_form",
+    "contract",
+    "make_form",
+]
 
 
 def check_form(kernel: object, kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
@@ -53,12 +61,18 @@ def check_form(kernel: object, kernel_groups: object, in_channels: int, out_chan
     """
     if kernel not in FORMS:
         raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={kernel!r}.")
-    if kernel != "shared":
-        if kernel_groups is not None:
-            raise ValueError(
-                f"`kernel_groups` is for kernel='shared'; got kernel_groups={kernel_groups!r} with {kernel=}."
-            )
-        return 1
+    return FORM_CLASSES[str(kernel)].check(kernel_groups, in_channels, out_channels, groups)
+
+
+def _no_kernel_groups(name: str, kernel_groups: object) -> int:
+    if kernel_groups is not None:
+        raise ValueError(
+            f"`kernel_groups` is for kernel='shared'; got kernel_groups={kernel_groups!r} with kernel={name!r}."
+        )
+    return 1
+
+
+def _check_shared(kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
     g = 1 if kernel_groups is None else kernel_groups
     if isinstance(g, bool) or not isinstance(g, int) or g < 1 or in_channels % g:
         raise ValueError(
@@ -89,22 +103,39 @@ def contract(weights: Tensor, patches: Tensor, geom: ConvGeometry) -> Tensor:
 
 @dataclass(frozen=True)
 class KernelForm:
-    """One form for one call's geometry (``groups``: the kernel groups of ``"shared"``)."""
+    """One form for one call's geometry (``kernel_groups``: the kernel groups of :class:`Shared`).
 
-    name: str
+    Subclasses set :attr:`NAME` and :attr:`WHAT` and implement :attr:`shapes` and :meth:`apply`.
+    """
+
+    NAME: ClassVar[str]
+    WHAT: ClassVar[str]  # what the generator returns per location, for error messages
+    COLUMNS: ClassVar[bool] = (
+        True  # contracts patch rows in the "columns" layout (when the generator does not read them)
+    )
+
     geom: ConvGeometry
     kernel_groups: int = 1
+
+    @property
+    def name(self) -> str:
+        """The name ``kernel=`` gives the form."""
+        return self.NAME
+
+    @classmethod
+    def check(cls, kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
+        """Check the form's arguments against the convolution's; return the number of kernel groups."""
+        return _no_kernel_groups(cls.NAME, kernel_groups)
 
     @cached_property
     def shapes(self) -> list[tuple[int, ...]]:
         """The per-row shapes the generator may return, the first the canonical one."""
-        g, k = self.geom, self.geom.kernel_size
-        taps = g.kernel_numel
-        if self.name == "full":
-            return [g.weight_shape, (g.weight_numel,)]
-        if self.name == "modulated":
-            return [tuple(k), (taps,), (g.in_channels, *k), (g.in_channels * taps,)]
-        return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
+        raise NotImplementedError
+
+    @property
+    def fast_path_blocker(self) -> str | None:
+        """Why the fast path (which contracts full weights) cannot run this form, or ``None``."""
+        return f"kernel={self.NAME!r} has its own contraction, which forms no per-location weight"
 
     def generated(self, out: object, given: Sequence[Tensor]) -> Tensor:
         """The generator's output for the rows it was ``given``, checked and viewed for :meth:`apply`.
@@ -116,39 +147,114 @@ class KernelForm:
         shapes, rows = self.shapes, given[0].shape[0]
         if not isinstance(out, Tensor) or tuple(out.shape[1:]) not in shapes or out.shape[0] != rows:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            what = {
-                "full": "one weight per patch",
-                "modulated": "per-tap scalars per location for kernel='modulated'",
-                "shared": "one kernel per channel group per location for kernel='shared'",
-            }
             expected = " or ".join(str((rows, *s)) for s in shapes)
             width = sum(t.shape[1] for t in given)
             raise GeneratorOutputError(
-                f"The generator must return {what[self.name]}: expected shape "
+                f"The generator must return {self.WHAT}: expected shape "
                 f"{expected} for {rows} rows of {width} features (out_channels={self.geom.out_channels}, "
                 f"in_channels // groups={self.geom.in_channels // self.geom.groups}, "
                 f"kernel_size={self.geom.kernel_size}), got {got}."
             )
         return out.reshape(rows, -1)
 
-    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Output rows ``(B, out)`` from the generated rows, the patch rows ``(B, C * K)`` and the static weight."""
-        if self.name == "full":
-            return contract(generated, patches, self.geom)
-        columns = is_column_major(patches)
-        if self.name == "modulated":
-            assert weight is not None
-            return _modulate(generated, patches, weight, self.geom, columns)
+    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        """Output rows ``(B, out)`` from the generated rows, the patch rows ``(B, C * K)`` (in ``layout``,
+        :data:`chunkconv.gather.PATCH_LAYOUTS`) and the static weight.
+        """
+        raise NotImplementedError
+
+    def weight_entries(self) -> int:
+        """Entries the generator makes per location (what the plan prints)."""
+        return math.prod(self.shapes[0])
+
+    @classmethod
+    def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        """What the plan prints about the kernels (``generated``: :meth:`weight_entries`)."""
+        return f"{generated:,}-entry kernels each ({cls.NAME} form)"
+
+
+@dataclass(frozen=True)
+class Full(KernelForm):
+    """A whole weight ``(out, in / groups, *k)`` per location, applied to the patch."""
+
+    NAME: ClassVar[str] = "full"
+    WHAT: ClassVar[str] = "one weight per patch"
+    COLUMNS: ClassVar[bool] = False
+
+    @cached_property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [self.geom.weight_shape, (self.geom.weight_numel,)]
+
+    @property
+    def fast_path_blocker(self) -> str | None:
+        return None
+
+    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        return contract(generated, patches, self.geom)
+
+    @classmethod
+    def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        return f"weight {geom.weight_numel:,} entries each"
+
+
+@dataclass(frozen=True)
+class Modulated(KernelForm):
+    """Per-tap scalars ``(*k)`` or ``(in, *k)`` scaling a static weight ``(out, in / groups, *k)``."""
+
+    NAME: ClassVar[str] = "modulated"
+    WHAT: ClassVar[str] = "per-tap scalars per location for kernel='modulated'"
+
+    @cached_property
+    def shapes(self) -> list[tuple[int, ...]]:
+        g, k = self.geom, self.geom.kernel_size
+        return [tuple(k), (g.kernel_numel,), (g.in_channels, *k), (g.in_channels * g.kernel_numel,)]
+
+    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        assert weight is not None
+        return _modulate(generated, patches, weight, self.geom, layout == "columns")
+
+    @classmethod
+    def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        return f"{generated:,} scalars each, scaling a static weight of {geom.weight_numel:,} entries"
+
+
+@dataclass(frozen=True)
+class Shared(KernelForm):
+    """One kernel ``(*k)`` per group of channels, ``(G, *k)``, applied depthwise (``out = in`` channels)."""
+
+    NAME: ClassVar[str] = "shared"
+    WHAT: ClassVar[str] = "one kernel per channel group per location for kernel='shared'"
+
+    @classmethod
+    def check(cls, kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
+        return _check_shared(kernel_groups, in_channels, out_channels, groups)
+
+    @cached_property
+    def shapes(self) -> list[tuple[int, ...]]:
+        k, taps = self.geom.kernel_size, self.geom.kernel_numel
+        return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
+
+    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
         rows, c, taps, g = patches.shape[0], self.geom.in_channels, self.geom.kernel_numel, self.kernel_groups
-        if columns:  # (G, C / G, K, B) x (G, 1, K, B), summed over the taps
+        if layout == "columns":  # (G, C / G, K, B) x (G, 1, K, B), summed over the taps
             kernels = generated.t().contiguous().view(g, 1, taps, rows)
             return _Depthwise.apply(patches.t().view(g, c // g, taps, rows), kernels, 2, 1).view(c, rows).t()
         kernels = generated.reshape(rows, g, 1, taps)
         return _Depthwise.apply(patches.view(rows, g, c // g, taps), kernels, 3, 2).view(rows, c)
 
-    def weight_entries(self) -> int:
-        """Entries the generator makes per location (what the plan prints)."""
-        return math.prod(self.shapes[0])
+    @classmethod
+    def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        return f"{generated:,}-entry depthwise kernels each ({cls.NAME} form)"
+
+
+# Every form, by the name ``kernel=`` gives it.
+FORM_CLASSES: dict[str, type[KernelForm]] = {f.NAME: f for f in (Full, Modulated, Shared)}
+FORMS = tuple(FORM_CLASSES)
+
+
+def make_form(name: str, geom: ConvGeometry, kernel_groups: int = 1) -> KernelForm:
+    """The form ``kernel=name`` names, for one call's geometry."""
+    return FORM_CLASSES[name](geom, kernel_groups)
 
 
 def _modulate(generated: Tensor, patches: Tensor, weight: Tensor, geom: ConvGeometry, columns: bool) -> Tensor:

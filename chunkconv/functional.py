@@ -110,8 +110,8 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
 
 def _fast_path_blocker(call: Call) -> str | None:
     """Why the call's own options rule the fast path out, if they do."""
-    if call.form.name != "full":
-        return f"kernel={call.form.name!r} has its own contraction, which forms no per-location weight"
+    if call.form.fast_path_blocker is not None:
+        return call.form.fast_path_blocker
     if len(call.generator_inputs) > 1:
         return f"the generator takes {len(call.generator_inputs)} inputs ({', '.join(call.options.inputs)})"
     return None

@@ -231,8 +231,11 @@ def _add_each(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         target.add_(source)
 
 
-def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry) -> None:
-    """Add patch gradients ``(B, C * K)`` into ``grad_pad`` (padded shape).
+def scatter_patch_grads(
+    grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkIndex, geom: ConvGeometry, layout: str = "rows"
+) -> None:
+    """Add patch gradients ``(B, C * K)``, the gradients of patch rows read in ``layout``
+    (:data:`PATCH_LAYOUTS`), into ``grad_pad`` (padded shape).
 
     For 2-D with large patches, each block of the chunk is folded (``F.fold``, col2im) into the
     window of the input it covers: a few large ops per chunk. Otherwise one kernel tap at a time:
@@ -242,7 +245,7 @@ def scatter_patch_grads(grad_pad: Tensor, grad_patches: Tensor, chunk: ChunkInde
     the CPU (measured 2-8x faster than folding them, which col2im does on one thread for one
     image), and folded on a GPU in 2-D (one kernel per block instead of one per tap).
     """
-    columns = is_column_major(grad_patches)
+    columns = layout == "columns"
     if columns and (geom.ndim != 2 or grad_pad.device.type == "cpu" or grad_patches.dtype not in _FOLD_DTYPES):
         _scatter_columns(grad_pad, grad_patches, chunk, geom)
         return
@@ -331,7 +334,8 @@ class PatchStream:
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
         assert self._grad_pad is not None
-        scatter_patch_grads(self._grad_pad, grad.to(self._grad_pad.dtype), chunk, self.geom)
+        layout = "columns" if self.columns else "rows"
+        scatter_patch_grads(self._grad_pad, grad.to(self._grad_pad.dtype), chunk, self.geom, layout)
 
     def grad(self) -> Tensor | None:
         if self._grad_pad is None:

@@ -30,6 +30,7 @@ import torch
 from .budget import format_bytes
 from .errors import BudgetTooSmallError
 from .fastpath import PathChoice
+from .forms import FORM_CLASSES
 from .geometry import ConvGeometry
 from .measure import ChunkCost
 from .streams import StreamSpec, default_streams
@@ -137,13 +138,7 @@ class Plan:
         return math.ceil(self.geometry.num_patches / self.chunk_size) if self.geometry.num_patches else 0
 
     def _kernel_text(self) -> str:
-        g = self.geometry
-        if self.kernel == "full":
-            made = f"weight {g.weight_numel:,} entries each"
-        elif self.kernel == "modulated":
-            made = f"{self.generated:,} scalars each, scaling a static weight of {g.weight_numel:,} entries"
-        else:
-            made = f"{self.generated:,}-entry depthwise kernels each ({self.kernel} form)"
+        made = FORM_CLASSES[self.kernel].describe(self.generated, self.geometry)
         if self.inputs != ("patches",):
             made += f"; the generator receives {', '.join(self.inputs)}"
         return made
