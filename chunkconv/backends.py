@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .execute import contract
+from .forms import contract
 from .geometry import ConvGeometry
 
 __all__ = ["BACKENDS", "TORCH", "TRITON", "Backend", "TorchBackend", "TritonBackend"]

@@ -25,7 +25,7 @@ from torch import Tensor
 from .binding import bind_parameters
 from .checks import autocast_compatible
 from .errors import GeneratorOutputError
-from .forms import Full, KernelForm, contract
+from .forms import Full, KernelForm
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
 from .replay import RngState
@@ -41,7 +41,6 @@ __all__ = [
     "backward_chunks",
     "broadcast_bias",
     "check_output_dtype",
-    "contract",
     "forward_chunks",
 ]
 

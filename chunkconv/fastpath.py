@@ -9,7 +9,7 @@ so the per-patch weights never have to exist. This module owns everything about 
 decided from shapes and module structure alone, before any tensor work: whether a generator
 qualifies (:func:`find_linear_tail`), which of the three contraction orders is cheapest
 (:func:`contraction_costs`, :func:`choose_order`), how many bytes per patch the fast path's
-intermediates take (:func:`fast_path_bytes_per_patch`, for the planner), and which path, order and
+intermediates take (:func:`fast_path_bytes_per_patch`, a cross-check), and which path, order and
 backend run and why (:func:`choose_path` -> :class:`PathChoice`, plain data that a plan keeps;
 the modules stay with the step). The tensor work is in :mod:`.fast_execute` and :mod:`.backends`.
 
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from .backends import BACKENDS
 from .checks import PATHS, check_path
+from .costs import ORDERS, Order, PathChoice
 from .geometry import ConvGeometry
+from .kernels import triton_unavailable
 
 __all__ = [
     "ORDERS",
@@ -47,9 +47,6 @@ __all__ = [
     "fast_path_bytes_per_patch",
     "find_linear_tail",
 ]
-
-Order = Literal["weights", "patch_first", "hidden_first"]
-ORDERS: tuple[Order, ...] = ("weights", "patch_first", "hidden_first")
 
 # Machine balance used to weigh bytes against FLOPs (FLOPs one byte of traffic costs). Every
 # order does the same main GEMM, so this only decides between orders whose intermediates differ;
@@ -212,41 +209,6 @@ def fast_path_bytes_per_patch(
     return FastPathBytes(order, forward * size, backward * size)
 
 
-@dataclass(frozen=True)
-class PathChoice:
-    """Which path runs and why; shown by :class:`~chunkconv.planner.Plan`. Plain data: no modules.
-
-    Attributes:
-        path: ``"fast"`` or ``"generic"``.
-        reason: why, in words.
-        order: the contraction order of the PyTorch backend (fast path only).
-        hidden: the last Linear's ``in_features`` (fast path only).
-        bytes_per_patch: the fast path's :class:`FastPathBytes` (fast path only).
-        backend: ``"triton"`` (fused kernels) or ``"torch"`` (``order``'s GEMMs) (fast path only);
-            see :mod:`chunkconv.backends`.
-        backend_reason: why Triton does not run, where it does not.
-
-    """
-
-    path: Literal["fast", "generic"]
-    reason: str
-    order: Order | None = None
-    hidden: int | None = None
-    bytes_per_patch: FastPathBytes | None = None
-    backend: Literal["torch", "triton"] | None = None
-    backend_reason: str | None = None
-
-    def __str__(self) -> str:
-        if self.path == "generic":
-            return f"generic path ({self.reason})"
-        if self.backend == "triton":
-            how = "fused Triton kernels"
-        else:
-            why = f"; no Triton: {self.backend_reason}" if self.backend_reason else ""
-            how = f"PyTorch, order {self.order}{why}"
-        return f"fast path, {how} ({self.reason})"
-
-
 def choose_path(
     generator: Callable | nn.Module,
     geom: ConvGeometry,
@@ -297,13 +259,12 @@ def choose_path(
         return PathChoice("generic", why)
     chosen = order if order is not None else choose_order(geom, tail.hidden, dtype).order
     reason = why if path == "auto" else f"path='fast' given; {why}"
-    no_triton = "order given" if order is not None else BACKENDS["triton"].unavailable(device, dtype, tail.hidden)
+    no_triton = "order given" if order is not None else triton_unavailable(device, dtype, tail.hidden)
     return PathChoice(
         "fast",
         reason,
-        chosen,
-        tail.hidden,
-        fast_path_bytes_per_patch(geom, tail.hidden, dtype, chosen),
-        "torch" if no_triton else "triton",
-        no_triton,
+        order=chosen,
+        hidden=tail.hidden,
+        backend="torch" if no_triton else "triton",
+        backend_reason=no_triton,
     )

@@ -3,7 +3,8 @@
 The generator is arbitrary, so instead of assuming an MLP the real step of the path that will run
 (gather, generator, contraction; and backward's recompute-and-differentiate) is run on a few small
 probe batches under :class:`~chunkconv.memory.MemoryTracker`, giving bytes at those sizes
-(:class:`StepCost`, interpolated piecewise linearly). Probes run on detached parameters, cloned
+(:class:`~chunkconv.costs.StepCost`, interpolated piecewise linearly; the cost types live in
+:mod:`.costs`, where the planner reads them without this module). Probes run on detached parameters, cloned
 buffers and a forked random stream, so they change nothing the user owns. Measurements and plans
 are cached per generator (weakly: dropping the generator drops them) and hold plain data only.
 :class:`ProbedCosts` is what the planner asks for costs; the planner itself never runs a tensor.
@@ -11,11 +12,9 @@ are cached per generator (weakly: dropping the generator drops them) and hold pl
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .binding import buffer_copies
+from .costs import ChunkCost, StepCost
 from .errors import GeneratorOutputError
 from .execute import BoundStep, ChunkStep, Executor, GeneratorStep
 from .gather import ChunkIndex
@@ -57,74 +57,6 @@ PROBE_ROWS = {"cpu": (2, 4, 16, 64, 256, 1024), "cuda": (2, 8, 128, 512, 2048, 8
 # A probe is skipped when this many times the largest cost so far, scaled to its size, would
 # exceed the budget: probing must not allocate more than the call it plans for.
 _PROBE_HEADROOM = 1.5
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """Bytes one chunk step allocates above what existed before it, measured at a few sizes.
-
-    ``at(B)`` interpolates the measurements piecewise linearly (and extends the first and last
-    segments); ``intercept + per_patch * B`` is the last segment's line, the one that holds for
-    large chunks.
-    """
-
-    points: tuple[tuple[int, int], ...]  # (patches, bytes), increasing patches
-
-    def _lines(self) -> list[tuple[float, float]]:
-        lines = []
-        for (r1, c1), (r2, c2) in zip(self.points, self.points[1:]):
-            slope = max((c2 - c1) / (r2 - r1), 0.0)
-            lines.append((c1 - slope * r1, slope))
-        return lines
-
-    @property
-    def per_patch(self) -> float:
-        return self._lines()[-1][1]
-
-    @property
-    def intercept(self) -> int:
-        return max(0, math.ceil(self._lines()[-1][0]))
-
-    def at(self, patches: int) -> int:
-        lines = self._lines()
-        segment = sum(1 for r, _ in self.points[1:-1] if patches > r)  # the segment patches falls in
-        a, s = lines[min(segment, len(lines) - 1)]
-        return max(0, math.ceil(a + s * patches))
-
-
-@dataclass(frozen=True)
-class ChunkCost:
-    """The measured cost of one chunk step, forward and (when training) backward."""
-
-    forward: StepCost
-    backward: StepCost | None
-    method: str  # how it was measured, shown in the plan
-    measured_at: float = 0.0  # time.time() of the (last) measurement
-    # seconds per patch of forward and backward at the largest probe (rough: timed while tracked)
-    seconds_per_patch: tuple[float, float | None] | None = None
-
-    def describe(self) -> str:
-        """How and when it was measured, for the plan."""
-        sizes = [r for r, _ in self.forward.points]
-        when = time.strftime("%H:%M:%S", time.localtime(self.measured_at)) if self.measured_at else "?"
-        return (
-            f"{self.method}, on probes of {', '.join(map(str, sizes))} patches at {when} "
-            "(once per generator state, dtype, device and kernel; reused for other input sizes)"
-        )
-
-    def merged(self, other: ChunkCost) -> ChunkCost:
-        """One cost from two sets of measurements of the same step."""
-
-        def points(x: StepCost | None, y: StepCost | None) -> StepCost | None:
-            if x is None or y is None:
-                return None
-            return StepCost(tuple(sorted(dict([*x.points, *y.points]).items())))
-
-        forward = points(self.forward, other.forward)
-        assert forward is not None
-        larger = other if other.forward.points[-1][0] > self.forward.points[-1][0] else self
-        timing = larger.seconds_per_patch or self.seconds_per_patch
-        return ChunkCost(forward, points(self.backward, other.backward), self.method, time.time(), timing)
 
 
 class _OutputBytes(TorchDispatchMode):

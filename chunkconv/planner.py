@@ -28,11 +28,10 @@ from typing import Protocol
 import torch
 
 from .budget import format_bytes
+from .costs import ChunkCost, PathChoice
 from .errors import BudgetTooSmallError
-from .fastpath import PathChoice
 from .forms import FORM_CLASSES
 from .geometry import ConvGeometry
-from .measure import ChunkCost
 from .streams import StreamSpec, default_streams
 
 __all__ = [

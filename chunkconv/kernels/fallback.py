@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..execute import contract
+from ..forms import contract
 from ..geometry import ConvGeometry
 
 __all__ = ["KernelConfig", "config_key", "failures", "guarded", "torch_contract", "torch_contract_backward"]
