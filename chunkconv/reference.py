@@ -82,21 +82,58 @@ def dynamic_conv_reference(
     x = batch(input)
     geom = spec.geometry(x.shape)
     patches = unfold_patches(pad_input(x, geom), geom)  # (N*L, C*K)
-    rows, groups_ = geom.num_patches, geom.groups
-    per_group = geom.patch_size // groups_
+    given = _generator_rows(
+        patches,
+        geom,
+        inputs,
+        batch(features) if features is not None else None,
+        batch(guide) if guide is not None else None,
+        x,
+    )
+    out_rows = generator(*(given[k] for k in inputs))
+    out = _contract(out_rows, patches, geom, kernel, weight, kernel_groups, method)
+    out = out.reshape(geom.batch, geom.locations_per_image, geom.out_channels).transpose(1, 2)
+    y = out.reshape(geom.batch, geom.out_channels, *geom.out_spatial)
+    if bias is not None:
+        y = y + broadcast_bias(bias, geom.ndim).to(y.dtype)
+    return y.squeeze(0) if unbatched else y
+
+
+def _generator_rows(
+    patches: Tensor,
+    geom: ConvGeometry,
+    inputs: Sequence[str],
+    features: Tensor | None,
+    guide: Tensor | None,
+    x: Tensor,
+) -> dict[str, Tensor]:
+    """Every location's rows of each kind the generator may receive, all at once (batched side inputs)."""
+    rows = geom.num_patches
     given = {"patches": patches}
     if features is not None:
-        f = batch(features)
-        given["features"] = f.movedim(1, -1).reshape(rows, f.shape[1])
+        given["features"] = features.movedim(1, -1).reshape(rows, features.shape[1])
     if guide is not None:
-        g = batch(guide)
-        guide_geom = guide_geometry(geom, g.shape[1])
-        given["guide"] = unfold_patches(pad_input(g, guide_geom), guide_geom)
+        guide_geom = guide_geometry(geom, guide.shape[1])
+        given["guide"] = unfold_patches(pad_input(guide, guide_geom), guide_geom)
     if "positions" in inputs:
         grids = torch.meshgrid(*position_axes(geom), indexing="ij")  # each (*out)
         per_image = torch.stack([c.reshape(-1) for c in grids], dim=1).to(x.dtype).to(x.device)
         given["positions"] = per_image.repeat(geom.batch, 1)
-    out_rows = generator(*(given[k] for k in inputs))
+    return given
+
+
+def _contract(
+    out_rows: Tensor,
+    patches: Tensor,
+    geom: ConvGeometry,
+    kernel: str,
+    weight: Tensor | None,
+    kernel_groups: int | None,
+    method: str,
+) -> Tensor:
+    """Every location's output row ``(rows, out)``, from each kernel form's definition."""
+    rows, groups_ = geom.num_patches, geom.groups
+    per_group = geom.patch_size // groups_
     taps, c = geom.kernel_numel, geom.in_channels
     if kernel == "full":
         weights = out_rows.reshape(rows, groups_, geom.out_channels // groups_, per_group)
@@ -121,8 +158,4 @@ def dynamic_conv_reference(
         out = (patches.reshape(rows, kg, c // kg, taps) * kernels).sum(-1)
     else:
         raise ValueError(f"Invalid value for `kernel`; expected 'full', 'modulated' or 'shared', got {kernel=}.")
-    out = out.reshape(geom.batch, geom.locations_per_image, geom.out_channels).transpose(1, 2)
-    y = out.reshape(geom.batch, geom.out_channels, *geom.out_spatial)
-    if bias is not None:
-        y = y + broadcast_bias(bias, geom.ndim).to(y.dtype)
-    return y.squeeze(0) if unbatched else y
+    return out
