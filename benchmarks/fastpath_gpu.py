@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's chunkconv, not an installed one
 import chunkconv  # noqa: E402
 from benchmarks.measure import is_out_of_memory, set_tf32  # noqa: E402
-from chunkconv.fastpath import fast_path_bytes_per_patch  # noqa: E402
+from chunkconv.fast import fast_path_bytes_per_patch  # noqa: E402
 from chunkconv.geometry import conv_spec  # noqa: E402
 from chunkconv.memory import MemoryTracker  # noqa: E402
 

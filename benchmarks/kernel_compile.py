@@ -87,7 +87,7 @@ def jobs_for(archs, workloads, dtypes, kernels=KERNELS, every_config=True) -> li
     """The configs the autotuner would try (``contract._prune``) for each kernel, dtype, workload, arch."""
     import triton
 
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     out = []
     for wl in workloads:
@@ -113,7 +113,7 @@ def compile_job(job: Job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     fn = getattr(contract, f"_{job.kernel}_kernel")
     _, _, hidden = WORKLOADS[job.workload]

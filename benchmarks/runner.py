@@ -25,7 +25,7 @@ import torch
 
 import chunkconv
 from chunkconv.budget import format_bytes
-from chunkconv.kernels import tf32_allowed
+from chunkconv.fast.kernels import tf32_allowed
 
 from .isolation import IsolatedWorker
 from .measure import Case, run_case, set_tf32

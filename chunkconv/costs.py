@@ -2,7 +2,7 @@
 
 :class:`StepCost` and :class:`ChunkCost` are what the planner's probes measure (in
 :mod:`.measure`, which runs the executor); :class:`PathChoice` is the fast path's decision (made
-in :mod:`.fastpath` from shapes and module structure). Both are frozen, hold no tensor and no
+in :mod:`chunkconv.fast` from shapes and module structure). Both are frozen, hold no tensor and no
 module, and import nothing but the standard library: the planner plans from them without seeing
 the executor (the package's layering, documented in the README, keeps it so).
 """
@@ -98,7 +98,7 @@ class PathChoice:
         order: the contraction order of the PyTorch backend (fast path only).
         hidden: the last Linear's ``in_features`` (fast path only).
         backend: ``"triton"`` (fused kernels) or ``"torch"`` (``order``'s GEMMs) (fast path only);
-            see :mod:`chunkconv.backends`.
+            see :mod:`chunkconv.fast.backends`.
         backend_reason: why Triton does not run, where it does not.
 
     """

@@ -46,8 +46,8 @@ from torch import nn
 
 from . import __version__
 from .budget import format_bytes
+from .fast.kernels import fallback, interpreting, tf32_allowed, triton_unavailable
 from .functional import dynamic_conv, plan
-from .kernels import fallback, interpreting, tf32_allowed, triton_unavailable
 from .memory import MemoryTracker
 from .modules import DynamicConv
 from .reference import dynamic_conv_reference

@@ -4,7 +4,7 @@ The executor owns the loop: for each chunk it gathers the rows of every per-loca
 (the streams a call's :class:`~chunkconv.streams.StreamSpec` describe: the patches, and any side
 input or positions the generator receives), hands them to the path's chunk arithmetic (a
 :class:`ChunkStep`: :class:`GeneratorStep` here, the generator making every patch's weight; the
-fast path's in :mod:`.fast_execute`) and writes the output rows; in backward it recomputes each
+fast path's in :mod:`chunkconv.fast.step`) and writes the output rows; in backward it recomputes each
 chunk and hands every stream its rows' gradients. A chunk that runs out of device memory is
 retried in smaller pieces. Chunks are ranges of the flat ``N * L`` location index.
 

@@ -19,9 +19,10 @@ from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
 from .checks import check_input_type
+from .costs import PathChoice
 from .execute import ChunkStep, Executor, add_bias
-from .fast_execute import build_step
-from .fastpath import PathChoice, choose_path
+from .fast import choose
+from .fast.step import build_step
 from .geometry import ConvSpec, conv_spec_for_input
 from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
 from .planner import Plan, PlanRequest, make_plan
@@ -119,11 +120,18 @@ def _fast_path_blocker(call: Call) -> str | None:
 
 def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimate: bool) -> tuple[ChunkStep, Plan]:
     """The step that runs the call's path, and its plan."""
-    choice = choose_path(
+    choice, tail = choose(
         generator, call.geom, call.out_dtype, call.options.path, device=call.device, blocker=_fast_path_blocker(call)
     )
     step = build_step(
-        generator, tuple(call.params), choice, call.geom, form=call.form, inputs=call.generator_inputs, static=weight
+        generator,
+        tuple(call.params),
+        choice,
+        call.geom,
+        form=call.form,
+        inputs=call.generator_inputs,
+        static=weight,
+        tail=tail,
     )
     if call.training and not isinstance(generator, nn.Module):
         _check_tracked_grads(call, generator, step)

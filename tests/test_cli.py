@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chunkconv import parse_budget
-from chunkconv.__main__ import _budget_at_least, main
+from chunkconv.cli import _budget_at_least, main
 
 
 def run(capsys, *argv):
@@ -110,7 +110,7 @@ def test_suggested_budget_is_enough_and_short(nbytes):
 
 
 def test_plan_takes_kernel_forms_and_side_inputs(capsys):
-    from chunkconv.__main__ import main
+    from chunkconv.cli import main
 
     code = main(["plan", "--input", "1x8x64x64", "--kernel-size", "5", "--padding", "same", "--kernel", "shared",
                  "--kernel-groups", "2", "--inputs", "features", "--features", "12", "--budget", "64MB"])  # fmt: skip
@@ -125,7 +125,7 @@ def test_plan_takes_kernel_forms_and_side_inputs(capsys):
 
 
 def test_plan_side_input_flags_go_together():
-    from chunkconv.__main__ import main
+    from chunkconv.cli import main
 
     with pytest.raises(SystemExit):
         main(["plan", "--input", "1x3x32x32", "--kernel-size", "3", "--inputs", "features"])

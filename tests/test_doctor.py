@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chunkconv import doctor
-from chunkconv.__main__ import main
+from chunkconv.cli import main
 
 KEYS = {"device", "versions", "devices", "environment", "backends", "checks", "kernel_fallbacks", "summary"}
 SUMMARY = re.compile(r"^doctor: (\d+) passed, (\d+) failed, (\d+) skipped$", re.MULTILINE)
@@ -93,7 +93,7 @@ def test_a_crashing_check_is_a_failure_not_a_crash(monkeypatch, capsys, quick):
 
 
 def test_kernel_fallbacks_are_reported(monkeypatch, capsys, quick):
-    from chunkconv.kernels import fallback
+    from chunkconv.fast.kernels import fallback
 
     monkeypatch.setattr(fallback, "_failed", {("forward", None): "RuntimeError: injected"})
     main(["doctor"])

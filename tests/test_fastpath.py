@@ -13,8 +13,8 @@ import chunkconv
 from chunkconv.autograd import DynamicConvFunction, ForwardContext
 from chunkconv.call import CallOptions
 from chunkconv.errors import GeneratorOutputError
-from chunkconv.fast_execute import build_step
-from chunkconv.fastpath import choose_order, choose_path, contraction_costs, fast_path_bytes_per_patch
+from chunkconv.fast import choose_order, choose_path, contraction_costs, fast_path_bytes_per_patch
+from chunkconv.fast.step import build_step
 from chunkconv.functional import plan_spec
 from chunkconv.geometry import conv_spec
 from chunkconv.testing import RecordingDropout, assert_matches_reference, conv_cases, mlp_generator

@@ -22,9 +22,9 @@ from torch import nn
 
 import chunkconv
 import chunkconv.execute
-from chunkconv.fastpath import choose_path
+from chunkconv.fast import choose_path
+from chunkconv.fast.kernels import fallback, triton_contract
 from chunkconv.geometry import conv_spec
-from chunkconv.kernels import fallback, triton_contract
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -92,12 +92,12 @@ def test_pytorch_contraction_matches_the_kernels_formula(shape, bias):
 
 def test_import_failure_falls_back_and_warns_once(monkeypatch):
     # a broken Triton install: importing the kernels raises; no kernel is needed to check this
-    import chunkconv.kernels
+    import chunkconv.fast.kernels
 
     def broken():
         raise ImportError("libtriton.so: undefined symbol: _ZN4mlir (injected)")
 
-    monkeypatch.setattr(chunkconv.kernels, "_import_contract", broken)
+    monkeypatch.setattr(chunkconv.fast.kernels, "_import_contract", broken)
     operands, geom = _operands(1, 3, 4, 5, 3, 17)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -207,7 +207,7 @@ def _check_falls_back(monkeypatch, kind, groups, inject, stage, tries=1):
 
 def _replace(name, error):
     def inject(monkeypatch):
-        from chunkconv.kernels import contract
+        from chunkconv.fast.kernels import contract
 
         failing = _Fails(error)
         monkeypatch.setattr(contract, name, failing)
@@ -238,7 +238,7 @@ def test_interp_autotuning_failure(monkeypatch):
     import triton
 
     def inject(monkeypatch):
-        from chunkconv.kernels import contract
+        from chunkconv.fast.kernels import contract
 
         class Bench:
             calls = 0
@@ -266,7 +266,7 @@ def test_interp_backward_kernel_failure(monkeypatch, kernel):
 
 @interp
 def test_interp_backward_failure_keeps_the_forward_kernels(monkeypatch):
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     launches = []
     forward = contract._fwd
@@ -284,7 +284,7 @@ def test_interp_backward_failure_keeps_the_forward_kernels(monkeypatch):
 @interp
 def test_interp_out_of_memory_in_a_kernel_is_retried_not_fallen_back(monkeypatch):
     # the executor halves the chunk and retries; the kernels run again on the smaller chunks
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     forward = contract._fwd
 

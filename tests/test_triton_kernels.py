@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import chunkconv
-from chunkconv.fastpath import choose_path
+from chunkconv.fast import choose_path
+from chunkconv.fast.kernels import triton_unavailable
 from chunkconv.geometry import conv_spec
-from chunkconv.kernels import triton_unavailable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -54,7 +54,7 @@ def test_kernels_under_the_interpreter():
 
 
 def _check_contract(device, dtype, shape, bias, tol=None):
-    from chunkconv.kernels.contract import TritonContract
+    from chunkconv.fast.kernels.contract import TritonContract
 
     g, c, o, hidden, k, rows = shape
     geom = conv_spec(2, in_channels=c, out_channels=o, kernel_size=k, groups=g).geometry((1, c, 6, 6))
@@ -137,7 +137,7 @@ def test_interp_dynamic_conv_uses_the_kernels(kind, groups):
 @interp
 def test_interp_long_chunks_launch_in_blocks(monkeypatch):
     # offsets are 32-bit in the kernels: a chunk past 2**31 elements runs as several launches
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     monkeypatch.setattr(contract, "MAX_LAUNCH_ELEMENTS", 7 * 40)  # h is (17, 40): blocks of 7 rows
     blocks = contract._row_blocks(torch.zeros(17, 18), torch.zeros(17, 40), torch.zeros(17, 3))
@@ -165,7 +165,7 @@ class _TriesConfigs:
 def test_interp_weight_gradient_survives_autotuning(monkeypatch):
     # 16-row tiles spread 40 rows over both slices of the partial sums, 64-row tiles over one: the
     # grid must not depend on the tile height, or the winner leaves the loser's slice to be summed
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     monkeypatch.setattr(contract, "_bwd_w", _TriesConfigs(contract._bwd_w, (16, 64)))
     _check_contract("cpu", torch.float64, (1, 2, 3, 5, 3, 40), True)
@@ -173,7 +173,7 @@ def test_interp_weight_gradient_survives_autotuning(monkeypatch):
 
 @interp
 def test_interp_empty_chunk():
-    from chunkconv.kernels.contract import contract_backward, contract_forward
+    from chunkconv.fast.kernels.contract import contract_backward, contract_forward
 
     geom = conv_spec(1, in_channels=2, out_channels=2, kernel_size=3).geometry((1, 2, 5))
     x, h, w = torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64), torch.ones(12, 4)
@@ -228,7 +228,7 @@ def test_cuda_contract_tf32():
 def test_cuda_autotuning_stays_inside_the_budget(monkeypatch, tmp_path):
     # Triton's default benchmark allocates 256 MB to flush L2: ours allocates nothing, and tunes
     # per power of two of the chunk length, so a planner probe of 2 rows does not pick the tiles
-    from chunkconv.kernels import contract
+    from chunkconv.fast.kernels import contract
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # tune now, not from an earlier run's cache
     geom = conv_spec(2, in_channels=3, out_channels=5, kernel_size=3).geometry((1, 3, 8, 8))  # a key no other test uses
@@ -249,7 +249,7 @@ def test_cuda_autotuning_stays_inside_the_budget(monkeypatch, tmp_path):
 
 def test_rows_bucket():
     pytest.importorskip("triton")
-    from chunkconv.kernels.contract import rows_bucket
+    from chunkconv.fast.kernels.contract import rows_bucket
 
     assert [rows_bucket(n) for n in (1, 2, 3, 4, 5, 1024, 1025, 2**17, 2**30)] == [1, 1, 2, 2, 3, 10, 11, 17, 17]
 
@@ -275,7 +275,7 @@ def test_cuda_gradients_while_autotuning(monkeypatch, tmp_path):
 @contextlib.contextmanager
 def _tf32(enabled):
     from benchmarks.measure import set_tf32
-    from chunkconv.kernels import tf32_allowed
+    from chunkconv.fast.kernels import tf32_allowed
 
     old = tf32_allowed()
     set_tf32(enabled)
@@ -287,7 +287,7 @@ def _tf32(enabled):
 
 _TF32_SCRIPT = """
 import torch
-from chunkconv.kernels import tf32_allowed
+from chunkconv.fast.kernels import tf32_allowed
 m = torch.backends.cuda.matmul
 seen = [tf32_allowed()]
 torch.set_float32_matmul_precision("high"); seen.append(tf32_allowed())      # legacy API

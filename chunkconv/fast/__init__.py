@@ -1,4 +1,7 @@
-"""The fast path's decisions: detect a Linear-terminated generator, cost its contraction orders.
+"""The fast path, one subpackage; this ``__init__`` holds its decisions and availability.
+
+Detect a Linear-terminated generator, cost its contraction orders, say whether the fused kernels
+can run (:func:`~chunkconv.fast.kernels.triton_unavailable`) and choose (:func:`choose`).
 
 When the generator ends in ``nn.Linear(hidden, out_channels * patch_size // groups)``, with
 ``h = body(patch)`` and that layer's ``W`` (rows indexed ``(o, p')``) and ``c``, the output is
@@ -11,7 +14,8 @@ qualifies (:func:`find_linear_tail`), which of the three contraction orders is c
 (:func:`contraction_costs`, :func:`choose_order`), how many bytes per patch the fast path's
 intermediates take (:func:`fast_path_bytes_per_patch`, a cross-check), and which path, order and
 backend run and why (:func:`choose_path` -> :class:`PathChoice`, plain data that a plan keeps;
-the modules stay with the step). The tensor work is in :mod:`.fast_execute` and :mod:`.backends`.
+the modules stay with the step). The tensor work is in :mod:`.step`, :mod:`.backends` and :mod:`.kernels`;
+:func:`choose` also hands the step the split generator it found, so that it is not detected again.
 
 The three orders, per patch, with ``G`` groups, ``Og = O / G``, ``Pg = P / G``, ``H = hidden``
 (each does the same main GEMM of ``2 * O * Pg * H`` FLOPs; they differ in what they write):
@@ -29,9 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import PATHS, check_path
-from .costs import ORDERS, Order, PathChoice
-from .geometry import ConvGeometry
+from ..checks import PATHS, check_path
+from ..costs import ORDERS, Order, PathChoice
+from ..geometry import ConvGeometry
 from .kernels import triton_unavailable
 
 __all__ = [
@@ -41,6 +45,7 @@ __all__ = [
     "FastPathBytes",
     "LinearTail",
     "PathChoice",
+    "choose",
     "choose_order",
     "choose_path",
     "contraction_costs",
@@ -209,7 +214,7 @@ def fast_path_bytes_per_patch(
     return FastPathBytes(order, forward * size, backward * size)
 
 
-def choose_path(
+def choose(
     generator: Callable | nn.Module,
     geom: ConvGeometry,
     dtype: torch.dtype,
@@ -218,15 +223,16 @@ def choose_path(
     device: torch.device | str = "cpu",
     order: Order | None = None,
     blocker: str | None = None,
-) -> PathChoice:
-    """Pick the fast or the generic path for one call, and the fast path's backend.
+) -> tuple[PathChoice, LinearTail | None]:
+    """Pick the fast or the generic path for one call, and the fast path's backend; and the split
+    generator (:class:`LinearTail`) the fast path's step runs (``None`` on the generic path).
 
     Args:
         generator: the user's generator.
         geom: the call's geometry.
         dtype: the compute dtype (the result dtype under autocast).
         device: where the call runs; the fused Triton kernels run on CUDA only (see
-            :func:`chunkconv.kernels.triton_unavailable`). Default: ``"cpu"``.
+            :func:`chunkconv.fast.kernels.triton_unavailable`). Default: ``"cpu"``.
         path: ``"auto"`` (fast where the generator qualifies), ``"fast"`` (raise if it does not)
             or ``"generic"`` (always form per-patch weights). Default: ``"auto"``.
         order: force a contraction order of the PyTorch fast path. Default: the cost model's.
@@ -243,11 +249,11 @@ def choose_path(
     if order is not None and order not in ORDERS:
         raise ValueError(f"Invalid value for `order`; expected one of {ORDERS} or None, got {order=}.")
     if path == "generic":
-        return PathChoice("generic", "path='generic' given")
+        return PathChoice("generic", "path='generic' given"), None
     if blocker is not None:
         if path == "fast":
             raise ValueError(f"path='fast' is not available for this call: {blocker}. Use path='auto' or 'generic'.")
-        return PathChoice("generic", blocker)
+        return PathChoice("generic", blocker), None
     tail, why = find_linear_tail(generator, geom)
     if tail is None:
         if path == "fast":
@@ -256,11 +262,11 @@ def choose_path(
                 f"with out_features = out_channels * in_channels // groups * prod(kernel_size) = "
                 f"{geom.weight_numel}; but {why}. Use path='auto' or 'generic'."
             )
-        return PathChoice("generic", why)
+        return PathChoice("generic", why), None
     chosen = order if order is not None else choose_order(geom, tail.hidden, dtype).order
     reason = why if path == "auto" else f"path='fast' given; {why}"
     no_triton = "order given" if order is not None else triton_unavailable(device, dtype, tail.hidden)
-    return PathChoice(
+    choice = PathChoice(
         "fast",
         reason,
         order=chosen,
@@ -268,3 +274,18 @@ def choose_path(
         backend="torch" if no_triton else "triton",
         backend_reason=no_triton,
     )
+    return choice, tail
+
+
+def choose_path(
+    generator: Callable | nn.Module,
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    path: str = "auto",
+    *,
+    device: torch.device | str = "cpu",
+    order: Order | None = None,
+    blocker: str | None = None,
+) -> PathChoice:
+    """The :class:`PathChoice` of :func:`choose` alone (plain data, as a plan keeps it)."""
+    return choose(generator, geom, dtype, path, device=device, order=order, blocker=blocker)[0]

@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..geometry import ConvGeometry
+from ...geometry import ConvGeometry
 
 __all__ = ["interpreting", "tf32_allowed", "triton_contract", "triton_unavailable"]
 

@@ -1,12 +1,12 @@
 """The fast path's chunk arithmetic: never form per-patch weights.
 
-For a generator ``linear(body(x))`` ending in ``nn.Linear`` (detected by :mod:`.fastpath`), each
+For a generator ``linear(body(x))`` ending in ``nn.Linear`` (detected by :mod:`chunkconv.fast`), each
 chunk runs the body on its patches (``h = body(x)``) and hands ``x``, ``h`` and the last layer's
 ``W`` and ``c`` to the chosen backend (:mod:`.backends`: PyTorch in the chosen order, or the fused
 Triton kernels). Everything else (gathering, chunking, recomputation in backward, RNG and autocast
 replay, parameters as explicit Function inputs) is the shared executor's: this module only
 provides the :class:`~.execute.ChunkStep`, and :func:`build_step` picks the step for a
-:class:`~.fastpath.PathChoice`.
+:class:`~chunkconv.costs.PathChoice`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..binding import bind_parameters
+from ..errors import GeneratorOutputError
+from ..execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
+from ..forms import KernelForm
+from ..geometry import ConvGeometry
+from . import LinearTail, PathChoice, find_linear_tail
 from .backends import BACKENDS, Backend
-from .binding import bind_parameters
-from .errors import GeneratorOutputError
-from .execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
-from .fastpath import LinearTail, PathChoice, find_linear_tail
-from .forms import KernelForm
-from .geometry import ConvGeometry
 
 __all__ = ["LinearTailStep", "build_step"]
 
@@ -37,15 +37,17 @@ def build_step(
     form: KernelForm | None = None,
     inputs: tuple[int, ...] = (0,),
     static: Tensor | None = None,
+    tail: LinearTail | None = None,
 ) -> ChunkStep:
-    """The :class:`~.execute.ChunkStep` that runs ``choice`` (``param_names``: ``named_parameters()`` order).
+    """The :class:`~chunkconv.execute.ChunkStep` that runs ``choice`` (``param_names``: ``named_parameters()`` order).
 
-    ``form``, ``inputs`` and ``static`` as for :class:`~.execute.GeneratorStep`; the fast path
-    takes the full form and one generator input.
+    ``form``, ``inputs`` and ``static`` as for :class:`~chunkconv.execute.GeneratorStep`; the fast
+    path takes the full form and one generator input, and ``tail``, the split :func:`chunkconv.fast.choose`
+    found (detected again when not given).
     """
     if choice.path == "fast":
         assert isinstance(generator, nn.Module) and len(inputs) == 1
-        return LinearTailStep.build(generator, tuple(param_names), choice, geom, inputs[0])
+        return LinearTailStep.build(generator, tuple(param_names), choice, geom, inputs[0], tail)
     return GeneratorStep(generator, tuple(param_names), geom, form, inputs, static)
 
 
@@ -62,9 +64,17 @@ class LinearTailStep:
 
     @classmethod
     def build(
-        cls, generator: nn.Module, param_names: tuple[str, ...], choice: PathChoice, geom: ConvGeometry, source: int = 0
+        cls,
+        generator: nn.Module,
+        param_names: tuple[str, ...],
+        choice: PathChoice,
+        geom: ConvGeometry,
+        source: int = 0,
+        tail: LinearTail | None = None,
     ) -> LinearTailStep:
-        tail, why = find_linear_tail(generator, geom)
+        why = ""
+        if tail is None:
+            tail, why = find_linear_tail(generator, geom)
         if tail is None:
             raise ValueError(f"The fast path needs a generator ending in nn.Linear, but {why}.")
         return cls(generator, param_names, choice, geom, tail, source)

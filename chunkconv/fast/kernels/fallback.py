@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..forms import contract
-from ..geometry import ConvGeometry
+from ...forms import contract
+from ...geometry import ConvGeometry
 
 __all__ = ["KernelConfig", "config_key", "failures", "guarded", "torch_contract", "torch_contract_backward"]
 

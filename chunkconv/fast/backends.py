@@ -1,6 +1,6 @@
 """The fast path's backends: who computes the contraction of patches, ``h``, ``W`` and ``c``.
 
-The contraction *order* (which intermediate is formed; :mod:`.fastpath` chooses it from shapes) and
+The contraction *order* (which intermediate is formed; :mod:`chunkconv.fast` chooses it from shapes) and
 the *backend* (which code runs it) are separate choices. Each backend says whether it can run for a
 device, dtype and hidden width, and why not (:meth:`unavailable`, shown in the plan); lays out ``W``
 and ``c`` once per call (:meth:`prepare`); and contracts one chunk (:meth:`contract`):
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forms import contract
-from .geometry import ConvGeometry
+from ..forms import contract
+from ..geometry import ConvGeometry
 
 __all__ = ["BACKENDS", "TORCH", "TRITON", "Backend", "TorchBackend", "TritonBackend"]
 
 
 @dataclass(frozen=True)
 class TorchBackend:
-    """PyTorch GEMMs in the order :mod:`.fastpath` chose (see its module docstring)."""
+    """PyTorch GEMMs in the order :mod:`chunkconv.fast` chose (see its module docstring)."""
 
     name: str = "torch"
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..geometry import ConvGeometry
+from ...geometry import ConvGeometry
 from . import MAX_HIDDEN, fallback, interpreting, tf32_allowed
 
 __all__ = ["TritonContract", "contract_backward", "contract_forward"]
