@@ -40,9 +40,13 @@ Generator = Callable[[Tensor], Tensor] | nn.Module
 Budget = str | int | float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CallOptions:
-    """How to run a call, apart from the convolution's arguments; checked when made.
+    """How to run a call, apart from the convolution's arguments; checked when made (by keyword only).
+
+    A :class:`~chunkconv.DynamicConv` holds one (``conv.options``); its ``budget``, ``chunk_size``,
+    ``allow_batch_coupled``, ``path`` and ``progress`` properties replace it with
+    ``dataclasses.replace``, which checks the new values.
 
     Attributes:
         budget: the memory budget, as the user wrote it (parsed per call: fractions and

@@ -339,7 +339,14 @@ def _functional(ndim: int | None, op: str):
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
         options = CallOptions(
-            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+            budget=budget,
+            chunk_size=chunk_size,
+            allow_batch_coupled=allow_batch_coupled,
+            path=path,
+            kernel=kernel,
+            kernel_groups=kernel_groups,
+            inputs=tuple(inputs),
+            progress=progress,
         )
         return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
 
@@ -423,7 +430,15 @@ def plan(
         generator,
         spec,
         bias,
-        CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs)),
+        CallOptions(
+            budget=budget,
+            chunk_size=chunk_size,
+            allow_batch_coupled=allow_batch_coupled,
+            path=path,
+            kernel=kernel,
+            kernel_groups=kernel_groups,
+            inputs=tuple(inputs),
+        ),
         training=training,
         dtype=dtype,
         device=device,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,8 +108,8 @@ class DynamicConv(nn.Module):
         padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        budget: Budget = "auto",
         *,
+        budget: Budget = "auto",
         chunk_size: int | None = None,
         allow_batch_coupled: bool = False,
         path: str = "auto",
@@ -130,17 +132,22 @@ class DynamicConv(nn.Module):
             padding_mode=padding_mode,
         )
         self.generator = generator
-        # checked now, not at the first forward; kept as attributes (they may change between calls)
-        options = CallOptions(
-            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+        # one options object, checked now (not at the first forward); the settings that may change
+        # between calls are properties that replace it (checked again then)
+        self.options = CallOptions(
+            budget=budget,
+            chunk_size=chunk_size,
+            allow_batch_coupled=allow_batch_coupled,
+            path=path,
+            kernel=kernel,
+            kernel_groups=kernel_groups,
+            inputs=tuple(inputs),
+            progress=progress,
         )
-        self.budget, self.chunk_size, self.progress = options.budget, options.chunk_size, options.progress
-        self.allow_batch_coupled, self.path = options.allow_batch_coupled, options.path
         # the kernel form and what the generator receives are fixed at construction (they decide
         # which parameters the layer owns)
         s = self.spec
         check_form(kernel, kernel_groups, s.in_channels, s.out_channels, s.groups)
-        self.kernel, self.kernel_groups, self.inputs = options.kernel, options.kernel_groups, options.inputs
         if kernel == "modulated":  # the static weight the generator's scalars modulate, as nn.Conv*d's
             shape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
             self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -162,6 +169,33 @@ class DynamicConv(nn.Module):
     groups = property(lambda self: self.spec.groups)
     padding_mode = property(lambda self: self.spec.padding_mode)
 
+    # the call options, read from the one options object; those that may change between calls
+    # replace it (``conv.budget = "1GB"``), checked when set
+    budget = property(lambda self: self.options.budget, lambda self, v: self._replace(budget=v))
+    chunk_size = property(lambda self: self.options.chunk_size, lambda self, v: self._replace(chunk_size=v))
+    allow_batch_coupled = property(
+        lambda self: self.options.allow_batch_coupled, lambda self, v: self._replace(allow_batch_coupled=v)
+    )
+    path = property(lambda self: self.options.path, lambda self, v: self._replace(path=v))
+    progress = property(lambda self: self.options.progress, lambda self, v: self._replace(progress=v))
+    # fixed at construction: they decide which parameters the layer owns
+    kernel = property(lambda self: self.options.kernel)
+    kernel_groups = property(lambda self: self.options.kernel_groups)
+    inputs = property(lambda self: self.options.inputs)
+
+    def _replace(self, **changes: Any) -> None:
+        self.options = dataclasses.replace(self.options, **changes)
+
+    _OLD_OPTIONS = ("budget", "chunk_size", "allow_batch_coupled", "path", "kernel", "kernel_groups", "inputs")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Load a layer pickled by chunkconv 0.1, which kept each option as an attribute of its own."""
+        if "options" not in state and "budget" in state:
+            old = {name: state.pop(name) for name in (*self._OLD_OPTIONS, "progress") if name in state}
+            state.pop("_checked_options", None)
+            state["options"] = CallOptions(**old)
+        super().__setstate__(state)
+
     def reset_parameters(self) -> None:
         """Initialise the static weight and the bias as ``nn.Conv*d`` does; the generator keeps its own."""
         if self.weight is not None:
@@ -171,24 +205,6 @@ class DynamicConv(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _options(self) -> CallOptions:
-        """The call options a forward and a plan share, from the attributes (checked when they change)."""
-        current = (
-            self.budget,
-            self.chunk_size,
-            self.allow_batch_coupled,
-            self.path,
-            self.kernel,
-            self.kernel_groups,
-            self.inputs,
-            self.progress,
-        )
-        cached = self.__dict__.get("_checked_options")
-        if cached is None or cached[0] != current:
-            cached = (current, CallOptions(*current))
-            self.__dict__["_checked_options"] = cached
-        return cached[1]
-
     def forward(self, input: Tensor, *, features: Tensor | None = None, guide: Tensor | None = None) -> Tensor:
         """The convolution of ``input``; ``features`` and ``guide`` are the side inputs ``inputs`` names."""
         return apply_spec(
@@ -196,7 +212,7 @@ class DynamicConv(nn.Module):
             self.generator,
             self.spec,
             self.bias,
-            self._options(),
+            self.options,
             op=type(self).__name__,
             features=features,
             guide=guide,
@@ -236,7 +252,7 @@ class DynamicConv(nn.Module):
             self.generator,
             self.spec,
             self.bias,
-            self._options(),
+            self.options,
             training=training,
             dtype=dtype,
             device=device,
