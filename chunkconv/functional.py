@@ -24,7 +24,17 @@ from .execute import ChunkStep, Executor, add_bias
 from .fast import choose
 from .fast.step import build_step
 from .geometry import ConvSpec, conv_spec_for_input
-from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
+from .measure import (
+    MEASURED,
+    CallKey,
+    PlanKey,
+    ProbedCosts,
+    StepKey,
+    generator_cache,
+    generator_state,
+    remember,
+    uses_untracked_grads,
+)
 from .planner import Plan, PlanRequest, make_plan
 from .progress import progress_bar, wants_progress
 from .streams import stream_sources
@@ -44,28 +54,37 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
     """The call's :class:`Plan`, cached per generator: key, measured cost, choice."""
     geom, options, device = call.geom, call.options, call.device
     cache = generator_cache(generator)
-    key = (
-        geom.in_channels,
-        geom.out_channels,
-        geom.kernel_size,
-        geom.stride,
-        geom.dilation,
-        geom.groups,
-        call.dtype,
-        call.out_dtype,
-        device,
-        torch.is_autocast_enabled(device.type),
-        generator_state(generator),
-        call.form.name,
-        call.form.kernel_groups,
-        call.options.inputs,
-        tuple(s.channels for s in call.streams),
+    key = CallKey(
+        in_channels=geom.in_channels,
+        out_channels=geom.out_channels,
+        kernel_size=geom.kernel_size,
+        stride=geom.stride,
+        dilation=geom.dilation,
+        groups=geom.groups,
+        dtype=call.dtype,
+        out_dtype=call.out_dtype,
+        device=device,
+        autocast=torch.is_autocast_enabled(device.type),
+        generator_state=generator_state(generator),
+        kernel=call.form.name,
+        kernel_groups=call.form.kernel_groups,
+        inputs=call.options.inputs,
+        channels=tuple(s.channels for s in call.streams),
     )
-    step_key = (type(step).__name__, choice.path, choice.order, choice.backend)
+    step_key = StepKey(type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
-    mode = (call.training, tuple(s.requires_grad for s in call.streams))
-    plan_key = ("plan", key, mode, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
+    grads = tuple(s.requires_grad for s in call.streams)
+    plan_key = PlanKey(
+        call=key,
+        training=call.training,
+        grads=grads,
+        step=step_key,
+        geom=geom,
+        budget=budget_spec if chunk_size is None else None,
+        chunk_size=chunk_size,
+        estimate=estimate,
+    )
     if plan_key in cache:
         return cache[plan_key]
     module = generator if isinstance(generator, nn.Module) else None

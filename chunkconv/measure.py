@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,9 +35,14 @@ from .streams import StreamSpec, default_streams
 
 __all__ = [
     "PROBE_ROWS",
+    "CacheKey",
+    "CallKey",
     "ChunkCost",
+    "CostKey",
+    "PlanKey",
     "ProbedCosts",
     "StepCost",
+    "StepKey",
     "generator_cache",
     "generator_state",
     "measure_step_cost",
@@ -249,11 +255,79 @@ def uses_untracked_grads(
 
 # -- caches ------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class CallKey:
+    """The shape-free part of a call: everything its step's measured cost depends on but the input size.
+
+    Kept apart from the geometry (as einops caches a recipe apart from applying it), so that one
+    measurement serves every input size.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    device: torch.device
+    autocast: bool
+    generator_state: tuple
+    kernel: str
+    kernel_groups: int
+    inputs: tuple[str, ...]
+    channels: tuple[int, ...]  # each stream's
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """Which step runs: its type and the path choice that made it."""
+
+    step: str
+    path: str
+    order: str | None
+    backend: str | None
+
+
+@dataclass(frozen=True)
+class CostKey:
+    """A cached :class:`ChunkCost`: the call, the step (``"generic"``: the reference step), the probes, the mode."""
+
+    call: CallKey
+    step: StepKey | str
+    sizes: tuple[int, ...]
+    training: bool
+    grads: tuple[bool, ...]  # each stream's
+
+    @property
+    def forward(self) -> tuple[CallKey, StepKey | str, tuple[int, ...]]:
+        """What its forward measurement depends on (forward is measured alike in every mode)."""
+        return self.call, self.step, self.sizes
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """A cached plan: the call, its mode, the step, the geometry and how the chunk size is chosen."""
+
+    call: CallKey
+    training: bool
+    grads: tuple[bool, ...]
+    step: StepKey
+    geom: ConvGeometry
+    budget: str | None  # as the user wrote it; None when chunk_size is given
+    chunk_size: int | None
+    estimate: bool
+
+
+CacheKey = CostKey | PlanKey
+
 _CACHE_LIMIT = 64
-_by_generator: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_by_generator: weakref.WeakKeyDictionary[Any, dict[CacheKey, Any]] = weakref.WeakKeyDictionary()
 
 
-def generator_cache(generator: object) -> dict[tuple, Any]:
+def generator_cache(generator: object) -> dict[CacheKey, Any]:
     """The cache of costs and plans for ``generator`` (forgotten with it; none if not weak-referenceable)."""
     try:
         return _by_generator.setdefault(generator, {})
@@ -261,7 +335,7 @@ def generator_cache(generator: object) -> dict[tuple, Any]:
         return {}
 
 
-def remember(cache: dict[tuple, Any], key: tuple, value: Any) -> Any:
+def remember(cache: dict[CacheKey, Any], key: CacheKey, value: Any) -> Any:
     """Store ``value`` under ``key``, evicting the oldest entry beyond a few dozen."""
     if len(cache) >= _CACHE_LIMIT:
         cache.pop(next(iter(cache)))
@@ -327,9 +401,9 @@ class ProbedCosts:
         out_dtype: torch.dtype,
         device: torch.device,
         training: bool,
-        cache: dict[tuple, Any],
-        key: tuple,
-        step_key: tuple,
+        cache: dict[CacheKey, Any],
+        key: CallKey,
+        step_key: StepKey,
         streams: tuple[StreamSpec, ...] = (),
     ) -> None:
         self.step, self.geom, self.cache = step, geom, cache
@@ -338,9 +412,8 @@ class ProbedCosts:
         self.streams = streams or default_streams(geom)
         self.sizes = probe_sizes(device, geom.num_patches)
         grads = tuple(s.requires_grad for s in self.streams)
-        self._key = ("cost", key, step_key, self.sizes, training, grads)
-        self._reference_key = ("cost", key, "generic", self.sizes, training, grads)
-        self._forward_key = ("cost", key, step_key, self.sizes)  # forward is measured alike in every mode
+        self._key = CostKey(key, step_key, self.sizes, training, grads)
+        self._reference_key = CostKey(key, "generic", self.sizes, training, grads)
 
     def _probe(self, step: ChunkStep, sizes: Sequence[int], limit: int | None) -> ChunkCost:
         return measure_step_cost(
@@ -356,10 +429,14 @@ class ProbedCosts:
             streams=self.streams,
         )
 
-    def _measured(self, step: ChunkStep, key: tuple, limit: int | None) -> ChunkCost:
+    def _measured(self, step: ChunkStep, key: CostKey, limit: int | None) -> ChunkCost:
         found = self.cache.get(key)
         if found is None and not self.training and key == self._key:  # inference: a training measurement's forward
-            trained = next((v for k, v in self.cache.items() if k[:4] == self._forward_key and k[4]), None)
+            forward = key.forward
+            trained = next(
+                (v for k, v in self.cache.items() if isinstance(k, CostKey) and k.forward == forward and k.training),
+                None,
+            )
             if trained is not None:
                 timing = trained.seconds_per_patch
                 found = ChunkCost(
