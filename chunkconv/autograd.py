@@ -10,6 +10,7 @@ grad enabled. The generator's parameters are explicit inputs of the Function, so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +55,8 @@ class DynamicConvFunction(torch.autograd.Function):
     """``apply(run: ForwardContext, bias, *sources, *generator_params) -> output``."""
 
     @staticmethod
-    def forward(ctx, run: ForwardContext, bias: Tensor | None, *tensors: Tensor) -> Tensor:
+    def forward(ctx: Any, run: ForwardContext, bias: Tensor | None, *tensors: Tensor) -> Tensor:
+        """Run every chunk without a graph; save the sources and parameters, the RNG and autocast state."""
         sources = tensors[: run.num_sources]
         device = sources[0].device
         ctx.run = run
@@ -67,7 +69,8 @@ class DynamicConvFunction(torch.autograd.Function):
         return add_bias(y, bias)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
+    def backward(ctx: Any, grad_y: Tensor) -> tuple:
+        """Recompute every chunk with grad enabled; the gradients of the bias, the sources and the parameters."""
         with torch.no_grad():
             grads = DynamicConvFunction._backward(ctx, grad_y)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may be taken
@@ -75,7 +78,7 @@ class DynamicConvFunction(torch.autograd.Function):
         return grads
 
     @staticmethod
-    def _backward(ctx, grad_y: Tensor) -> tuple:
+    def _backward(ctx: Any, grad_y: Tensor) -> tuple:
         run: ForwardContext = ctx.run
         count = run.num_sources
         saved = ctx.saved_tensors

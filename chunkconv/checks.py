@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import parse_budget
-from .errors import BatchCoupledGeneratorError
+from .errors import BatchCoupledGeneratorError, ShardedGeneratorError
 from .geometry import ConvGeometry
 from .streams import KINDS
 
@@ -98,6 +98,7 @@ def check_budget_form(budget: object) -> None:
 
 
 def check_generator_callable(generator: object) -> None:
+    """Refuse a generator that is neither an ``nn.Module`` nor callable."""
     if not callable(generator):
         raise TypeError(
             f"Invalid type for `generator`; expected an nn.Module or a callable, got {type(generator).__name__}."
@@ -150,7 +151,7 @@ def check_generator(
             )
     sharded = _sharded_reason(generator)
     if sharded is not None:
-        raise ValueError(
+        raise ShardedGeneratorError(
             f"Invalid `generator`: {sharded}. FSDP gathers and frees the parameters of a module "
             "around each of its forward calls, but chunkconv calls the generator once per chunk and "
             "again per chunk in backward with its parameters swapped for stand-ins, so its gradients "
@@ -267,11 +268,13 @@ def check_static_weight(
 
 
 def check_input_type(input: object, op: str) -> None:
+    """Refuse an input that is not a tensor (``TypeError``), naming ``op``."""
     if not isinstance(input, Tensor):
         raise TypeError(f"Invalid type for `input` of {op}; expected a Tensor, got {type(input).__name__}.")
 
 
 def check_input_dtype(dtype: torch.dtype, op: str) -> None:
+    """Refuse an input dtype the convolution cannot run in (not floating point), naming ``op``."""
     if not dtype.is_floating_point:
         raise TypeError(f"Expected a floating-point input to {op}, got dtype {dtype}.")
 
@@ -294,6 +297,7 @@ def batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) ->
 
 
 def check_bias(bias: object, device: torch.device, out_channels: int) -> None:
+    """Check the bias: a tensor ``(out_channels,)`` on the input's device, or ``None``."""
     if bias is None:
         return
     if not isinstance(bias, Tensor):

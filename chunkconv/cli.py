@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import sys
+from typing import Any
 
 from .progress import set_progress
 
@@ -194,7 +195,9 @@ def _output_spatial(args: argparse.Namespace, shape: tuple[int, ...], kernel: tu
     return spec.geometry((1, shape[-ndim - 1], *shape[-ndim:])).out_spatial
 
 
-def _static_weight(kernel: str, out: int, channels: int, groups: int, size: tuple[int, ...], dtype, device):
+def _static_weight(
+    kernel: str, out: int, channels: int, groups: int, size: tuple[int, ...], dtype: Any, device: Any
+) -> Any:
     """The modulated form's static weight, on ``meta``-free zeros: planning only reads its shape."""
     if kernel != "modulated":
         return None
@@ -203,7 +206,7 @@ def _static_weight(kernel: str, out: int, channels: int, groups: int, size: tupl
     return torch.zeros((out, channels // max(groups, 1), *size), dtype=dtype, device=device)
 
 
-def _concat_mlp(width: int, hidden: int, out: int):  # noqa: ANN202 - torch is imported lazily here
+def _concat_mlp(width: int, hidden: int, out: int) -> Any:  # torch is imported lazily here
     """The CLI's generator for several inputs (or a structured form): rows concatenated, then Linear-ReLU-Linear."""
     import torch
     from torch import nn

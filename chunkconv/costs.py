@@ -40,13 +40,16 @@ class StepCost:
 
     @property
     def per_patch(self) -> float:
+        """Bytes per patch of the last segment (the slope that holds for large chunks)."""
         return self._lines()[-1][1]
 
     @property
     def intercept(self) -> int:
+        """The last segment's fixed bytes (its line at zero patches, at least 0)."""
         return max(0, math.ceil(self._lines()[-1][0]))
 
     def at(self, patches: int) -> int:
+        """Bytes at ``patches`` patches, interpolated piecewise linearly."""
         lines = self._lines()
         segment = sum(1 for r, _ in self.points[1:-1] if patches > r)  # the segment patches falls in
         a, s = lines[min(segment, len(lines) - 1)]

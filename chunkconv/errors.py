@@ -6,7 +6,10 @@ __all__ = [
     "BatchCoupledGeneratorError",
     "BudgetTooSmallError",
     "ChunkConvError",
+    "FastPathUnavailableError",
     "GeneratorOutputError",
+    "ShardedGeneratorError",
+    "UntrackedGradientError",
 ]
 
 
@@ -24,6 +27,18 @@ class BatchCoupledGeneratorError(ChunkConvError, ValueError):
     Its result would depend on how the patches are chunked, so chunkconv refuses
     it unless the caller opts in with ``allow_batch_coupled=True``.
     """
+
+
+class ShardedGeneratorError(ChunkConvError, ValueError):
+    """The generator is sharded by FSDP, whose gather-and-free around its forward fights the recomputation."""
+
+
+class FastPathUnavailableError(ChunkConvError, ValueError):
+    """``path="fast"`` was asked for a call the fast path cannot run (the message says why)."""
+
+
+class UntrackedGradientError(ChunkConvError, ValueError):
+    """A plain-callable generator uses tensors needing a gradient that chunkconv cannot see (they would get none)."""
 
 
 class BudgetTooSmallError(ChunkConvError, ValueError):

@@ -55,11 +55,14 @@ class BoundStep(Protocol):
     """
 
     @property
-    def leaves(self) -> Sequence[Tensor]: ...
+    def leaves(self) -> Sequence[Tensor]:
+        """The tensors backward differentiates each chunk with respect to, besides the rows."""
 
-    def __call__(self, rows: Sequence[Tensor]) -> Tensor: ...
+    def __call__(self, rows: Sequence[Tensor]) -> Tensor:
+        """Output rows ``(B, O)`` of one chunk's rows of every stream."""
 
-    def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]: ...
+    def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """The parameters' gradients, in order, from the summed gradients of :attr:`leaves`."""
 
 
 class ChunkStep(Protocol):
@@ -71,7 +74,8 @@ class ChunkStep(Protocol):
     """
 
     @property
-    def generator(self) -> Callable[[Tensor], Tensor]: ...
+    def generator(self) -> Callable[[Tensor], Tensor]:
+        """The user's generator."""
 
     @property
     def extras(self) -> tuple[Tensor, ...]:
@@ -83,7 +87,8 @@ class ChunkStep(Protocol):
         """The memory layout it wants the patch rows in (:data:`chunkconv.gather.PATCH_LAYOUTS`)."""
         ...
 
-    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep: ...
+    def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
+        """The step bound to ``params`` and ``buffers`` (``None``: the generator's own)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class GeneratorStep:
 
     @property
     def extras(self) -> tuple[Tensor, ...]:
+        """The modulated form's static weight, if any (bound after the generator's parameters)."""
         return () if self.static is None else (self.static,)
 
     @property
@@ -116,6 +122,7 @@ class GeneratorStep:
         return "columns" if columns and 0 not in self.inputs else "rows"
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
+        """The step bound to ``params`` (the generator's, then the static weight) and ``buffers``."""
         form = self.form or Full(self.geom)
         layout = self.patch_layout
         if params is None:

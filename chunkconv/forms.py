@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -183,17 +183,21 @@ class Full(KernelForm):
 
     @cached_property
     def shapes(self) -> list[tuple[int, ...]]:
+        """A whole weight per location, or the same flattened."""
         return [self.geom.weight_shape, (self.geom.weight_numel,)]
 
     @property
     def fast_path_blocker(self) -> str | None:
+        """``None``: the fast path contracts full weights."""
         return None
 
     def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        """Apply each location's weight to its patch."""
         return contract(generated, patches, self.geom)
 
     @classmethod
     def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        """The plan's text: the size of one weight."""
         return f"weight {geom.weight_numel:,} entries each"
 
 
@@ -206,15 +210,18 @@ class Modulated(KernelForm):
 
     @cached_property
     def shapes(self) -> list[tuple[int, ...]]:
+        """Per-tap scalars, or per input channel and tap, each possibly flattened."""
         g, k = self.geom, self.geom.kernel_size
         return [tuple(k), (g.kernel_numel,), (g.in_channels, *k), (g.in_channels * g.kernel_numel,)]
 
     def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        """Scale the patch rows' taps, then one GEMM with the static weight."""
         assert weight is not None
         return _modulate(generated, patches, weight, self.geom, layout == "columns")
 
     @classmethod
     def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        """The plan's text: the scalars made per location and the static weight they scale."""
         return f"{generated:,} scalars each, scaling a static weight of {geom.weight_numel:,} entries"
 
 
@@ -227,14 +234,17 @@ class Shared(KernelForm):
 
     @classmethod
     def check(cls, kernel_groups: object, in_channels: int, out_channels: int, groups: int) -> int:
+        """One kernel per channel group: ``kernel_groups`` divides the channels; ``out == in``, ``groups=1``."""
         return _check_shared(kernel_groups, in_channels, out_channels, groups)
 
     @cached_property
     def shapes(self) -> list[tuple[int, ...]]:
+        """One kernel per channel group, possibly flattened."""
         k, taps = self.geom.kernel_size, self.geom.kernel_numel
         return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
 
     def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+        """Filter every channel with its group's kernel, depthwise."""
         rows, c, taps, g = patches.shape[0], self.geom.in_channels, self.geom.kernel_numel, self.kernel_groups
         if layout == "columns":  # (G, C / G, K, B) x (G, 1, K, B), summed over the taps
             kernels = generated.t().contiguous().view(g, 1, taps, rows)
@@ -244,6 +254,7 @@ class Shared(KernelForm):
 
     @classmethod
     def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
+        """The plan's text: the depthwise kernels made per location."""
         return f"{generated:,}-entry depthwise kernels each ({cls.NAME} form)"
 
 
@@ -289,14 +300,14 @@ class _Depthwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, patches: Tensor, kernels: Tensor, tap_dim: int, share_dim: int) -> Tensor:
+    def forward(ctx: Any, patches: Tensor, kernels: Tensor, tap_dim: int, share_dim: int) -> Tensor:
         ctx.save_for_backward(patches, kernels)
         ctx.dims = (tap_dim, share_dim)
         return (patches * kernels).sum(tap_dim)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         patches, kernels = ctx.saved_tensors
         tap_dim, share_dim = ctx.dims
         grad = grad.unsqueeze(tap_dim)

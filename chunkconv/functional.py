@@ -9,7 +9,7 @@ tensors under ``torch.no_grad``/``inference_mode``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
 from .checks import check_input_type
 from .costs import PathChoice
+from .errors import UntrackedGradientError
 from .execute import ChunkStep, Executor, add_bias
 from .fast import choose
 from .fast.step import build_step
@@ -153,11 +154,11 @@ def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimat
         tail=tail,
     )
     if call.training and not isinstance(generator, nn.Module):
-        _check_tracked_grads(call, generator, step)
+        _check_tracked_grads(call, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
 
 
-def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> None:
+def _check_tracked_grads(call: Call, step: ChunkStep) -> None:
     """Refuse a plain callable that uses tensors needing grad (it can own no parameters).
 
     Its captures are invisible, so it is checked on every training call (one run on two rows);
@@ -165,7 +166,7 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
     """
     untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams)
     if untracked:
-        raise ValueError(
+        raise UntrackedGradientError(
             f"Invalid `generator` for {call.op}: the generator is a plain callable whose output needs a "
             "gradient although its input does not, so it uses tensors chunkconv cannot see "
             "(for example the parameters of a module that a function or lambda closes over). They would get "
@@ -328,7 +329,7 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
 """
 
 
-def _functional(ndim: int | None, op: str):
+def _functional(ndim: int | None, op: str) -> Callable[..., Tensor]:
     def conv(
         input: Tensor,
         generator: Generator,

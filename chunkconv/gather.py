@@ -108,6 +108,7 @@ class ChunkIndex:
 
     @classmethod
     def build(cls, start: int, end: int, geom: ConvGeometry) -> ChunkIndex:
+        """The blocks of the locations ``[start, end)`` of ``geom``."""
         cells = range_blocks(start, end, (geom.batch, *geom.out_spatial))
         rows = range_blocks(start, end, (geom.batch, geom.locations_per_image))
         return cls(start, end, tuple(cells), tuple(rows))
@@ -298,11 +299,14 @@ class Stream(Protocol):
 
     requires_grad: bool
 
-    def gather(self, chunk: ChunkIndex) -> Tensor: ...
+    def gather(self, chunk: ChunkIndex) -> Tensor:
+        """The chunk's rows ``(B, width)``."""
 
-    def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None: ...
+    def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        """Receive the gradient of the chunk's rows (backward, when :attr:`requires_grad`)."""
 
-    def grad(self) -> Tensor | None: ...
+    def grad(self) -> Tensor | None:
+        """The gradient of the stream's source, summed over the chunks (``None`` without one)."""
 
 
 class PatchStream:
@@ -328,16 +332,19 @@ class PatchStream:
             self._grad_pad = None
 
     def gather(self, chunk: ChunkIndex) -> Tensor:
+        """The chunk's patches, in the stream's layout."""
         if self.columns:
             return gather_patch_columns(self.source, chunk, self.geom)
         return gather_patches(self.source, chunk, self.geom)
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        """Add the chunk's patch gradients into the padded gradient buffer."""
         assert self._grad_pad is not None
         layout = "columns" if self.columns else "rows"
         scatter_patch_grads(self._grad_pad, grad.to(self._grad_pad.dtype), chunk, self.geom, layout)
 
     def grad(self) -> Tensor | None:
+        """The input's gradient, mapped back through the padding."""
         if self._grad_pad is None:
             return None
         if self._padded is self._leaf:
@@ -361,15 +368,18 @@ class FeatureStream:
         )
 
     def gather(self, chunk: ChunkIndex) -> Tensor:
+        """The chunk's feature rows ``(B, F)``."""
         out = torch.empty(chunk.end - chunk.start, self.width, dtype=self.source.dtype, device=self.source.device)
         blockwise(self.source, chunk.cells, out, "read")
         return out.view(out.shape)  # a view, for the reason gather_patches gives
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        """Write the chunk's feature gradients (each row once)."""
         assert self._grad is not None
         blockwise(self._grad, chunk.cells, grad.to(self._grad.dtype), "write")  # each row once: write
 
     def grad(self) -> Tensor | None:
+        """The features' gradient ``(N, F, *out)``."""
         return None if self._grad is None else self._grad.movedim(-1, 1)
 
 
@@ -415,13 +425,16 @@ class PositionStream:
         self.dtype, self.device = dtype, device
 
     def gather(self, chunk: ChunkIndex) -> Tensor:
+        """The chunk's position rows ``(B, ndim)``."""
         out = torch.empty(len(self.axes), chunk.end - chunk.start, dtype=self.dtype, device=self.device)
         for d, axis in enumerate(self.axes):
             blockwise(axis, chunk.cells, out[d], "read")
         return out.t().contiguous()
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        """Never called: positions take no gradient."""
         raise AssertionError("positions take no gradient")
 
     def grad(self) -> Tensor | None:
+        """``None``: positions have no source."""
         return None

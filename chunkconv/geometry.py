@@ -129,6 +129,7 @@ class ConvGeometry:
 
     @property
     def is_padded(self) -> bool:
+        """Whether any side is padded."""
         return any(p for pair in self.pads for p in pair)
 
 
@@ -221,6 +222,7 @@ class ConvSpec:
 
     @property
     def ndim(self) -> int:
+        """The number of spatial dimensions."""
         return len(self.kernel_size)
 
     def geometry(self, input_shape: Sequence[int]) -> ConvGeometry:

@@ -73,7 +73,7 @@ class _OutputBytes(TorchDispatchMode):
         self.total = 0
         self._seen: set[int] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.device.type != "meta":

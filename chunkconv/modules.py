@@ -263,6 +263,7 @@ class DynamicConv(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The non-default arguments, as ``nn.Conv*d`` shows them."""
         s = self.spec
         parts = [f"{s.in_channels}, {s.out_channels}, kernel_size={s.kernel_size}"]
         ones = (1,) * s.ndim

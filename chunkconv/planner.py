@@ -247,11 +247,14 @@ class PlanRequest:
 class CostSource(Protocol):
     """Where the planner gets measured costs from (:class:`chunkconv.measure.ProbedCosts`; tests fake it)."""
 
-    def measure(self, limit: int | None) -> ChunkCost: ...
+    def measure(self, limit: int | None) -> ChunkCost:
+        """The step's cost at the probe sizes (probes predicted to exceed ``limit`` bytes skipped)."""
 
-    def extend(self, cost: ChunkCost, patches: int) -> ChunkCost: ...
+    def extend(self, cost: ChunkCost, patches: int) -> ChunkCost:
+        """``cost`` with a measurement at ``patches`` added."""
 
-    def reference(self, limit: int | None) -> ChunkCost | None: ...
+    def reference(self, limit: int | None) -> ChunkCost | None:
+        """The generic step's cost, for the unchunked estimate (``None``: the step is the generic one)."""
 
 
 def fixed_costs(request: PlanRequest) -> tuple[dict[str, int], dict[str, int]]:

@@ -33,10 +33,12 @@ class RngState:
 
     @classmethod
     def capture(cls, device: torch.device) -> RngState:
+        """The RNG state of the CPU and of ``device``, now."""
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         return cls(device, torch.get_rng_state(), cuda)
 
     def restore(self) -> None:
+        """Put the captured RNG state back."""
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
@@ -64,6 +66,7 @@ class ReplayState:
 
     @classmethod
     def capture(cls, device: torch.device) -> ReplayState:
+        """The RNG and autocast state of a forward on ``device``, now."""
         kinds = sorted({device.type, "cpu"})
         autocast = tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
         return cls(RngState.capture(device), autocast, torch.is_autocast_cache_enabled())

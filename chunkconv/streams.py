@@ -123,6 +123,7 @@ class Patches(StreamKind):
     where: ClassVar[str] = "the input"
 
     def sources(self, input: Tensor, side: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """The input itself."""
         return (input,)
 
     def open(
@@ -134,6 +135,7 @@ class Patches(StreamKind):
         like: Tensor,
         layout: str = "rows",
     ) -> Stream:
+        """A :class:`~chunkconv.gather.PatchStream` of the input, in the step's layout."""
         return PatchStream(sources[0], geom, input_grad=grads[0], layout=layout)
 
 
@@ -154,9 +156,11 @@ class Features(StreamKind):
         like: Tensor,
         layout: str = "rows",
     ) -> Stream:
+        """A :class:`~chunkconv.gather.FeatureStream`."""
         return FeatureStream(sources[0], geom, input_grad=grads[0])
 
     def fixed_costs(self, spec: StreamSpec, geom: ConvGeometry, item: int) -> tuple[dict[str, int], dict[str, int]]:
+        """Read in place: only its gradient, one buffer of its size, is fixed."""
         # read in place; its gradient is one buffer of its size
         return {}, {f"{self.name} gradient": geom.num_patches * spec.channels * item if spec.requires_grad else 0}
 
@@ -177,6 +181,7 @@ class Guide(StreamKind):
         like: Tensor,
         layout: str = "rows",
     ) -> Stream:
+        """A :class:`~chunkconv.gather.GuideStream` (always in rows: they go to the generator)."""
         return GuideStream(sources[0], geom, input_grad=grads[0])
 
 
@@ -190,6 +195,7 @@ class Positions(StreamKind):
     side: ClassVar[bool] = False
 
     def sources(self, input: Tensor, side: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """None: positions are computed."""
         return ()
 
     def open(
@@ -201,12 +207,15 @@ class Positions(StreamKind):
         like: Tensor,
         layout: str = "rows",
     ) -> Stream:
+        """A :class:`~chunkconv.gather.PositionStream` in the input's dtype and device."""
         return PositionStream(geom, like.dtype, like.device)
 
     def width(self, channels: int, geom: ConvGeometry) -> int:
+        """One coordinate per spatial dimension."""
         return geom.ndim
 
     def fixed_costs(self, spec: StreamSpec, geom: ConvGeometry, item: int) -> tuple[dict[str, int], dict[str, int]]:
+        """None: positions are computed per chunk."""
         return {}, {}
 
 
@@ -224,10 +233,12 @@ class StreamSpec:
 
     @property
     def name(self) -> str:
+        """The kind's name."""
         return self.kind.name
 
     @property
     def arity(self) -> int:
+        """How many of the call's tensors the stream reads."""
         return self.kind.arity
 
 

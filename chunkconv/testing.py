@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,21 @@ __all__ = [
 ]
 
 
+class _ConvArguments(Protocol):
+    """What :func:`mlp_generator` reads of a convolution: a ``DynamicConv`` layer or a ``ConvSpec``."""
+
+    @property
+    def in_channels(self) -> int: ...  # noqa: D102
+    @property
+    def out_channels(self) -> int: ...  # noqa: D102
+    @property
+    def kernel_size(self) -> tuple[int, ...]: ...  # noqa: D102
+    @property
+    def groups(self) -> int: ...  # noqa: D102
+
+
 def mlp_generator(
-    spec: ConvSpec,
+    spec: _ConvArguments,
     hidden: int = 8,
     *,
     activation: type[nn.Module] = nn.Tanh,
@@ -44,7 +58,8 @@ def mlp_generator(
     """``Linear(P, hidden) -> activation -> Linear(hidden, weight size)``, the typical generator.
 
     Args:
-        spec: the convolution the generator is for (its patch size and weight size).
+        spec: the convolution the generator is for (its patch size and weight size): a
+            ``chunkconv.DynamicConv`` layer (what the top level exports) or a ``ConvSpec``.
         hidden: width of the hidden layer. Default: ``8``.
         activation: the module between the two layers. Default: ``nn.Tanh`` (smooth, so
             ``gradcheck`` does not trip on kinks).
@@ -85,6 +100,7 @@ class RecordingDropout(nn.Module):
         self.fixed: Tensor | None = None
 
     def forward(self, h: Tensor) -> Tensor:
+        """Dropout of ``h``, recording the mask it drew."""
         if self.fixed is not None:
             return h * self.fixed / (1 - self.p)
         mask = (torch.rand_like(h) > self.p).to(h.dtype)
@@ -115,6 +131,7 @@ class ConvCase:
 
     @property
     def num_patches(self) -> int:
+        """The number of output locations, ``N * L``."""
         batched = self.input_shape if len(self.input_shape) == self.spec.ndim + 2 else (1, *self.input_shape)
         return math.prod(self.spec.geometry(batched).out_spatial) * batched[0]
 

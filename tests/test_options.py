@@ -47,3 +47,11 @@ def test_the_kernel_form_and_the_generators_inputs_are_read_only():
         with pytest.raises(AttributeError):
             setattr(conv, name, value)
     assert (conv.kernel, conv.inputs, conv.kernel_groups) == ("full", ("patches",), None)
+
+
+def test_mlp_generator_takes_a_layer_of_the_top_level():
+    from chunkconv.testing import mlp_generator
+
+    conv = chunkconv.DynamicConv2d(nn.Identity(), 4, 6, (3, 5), groups=2)
+    gen = mlp_generator(conv, hidden=5)
+    assert (gen[0].in_features, gen[-1].out_features) == (4 * 15, 6 * 2 * 15)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..checks import PATHS, check_path
 from ..costs import ORDERS, Order, PathChoice
+from ..errors import FastPathUnavailableError
 from ..geometry import ConvGeometry
 from .kernels import triton_unavailable
 
@@ -79,6 +80,7 @@ class LinearTail:
 
     @property
     def hidden(self) -> int:
+        """The width ``H`` of ``h``: the last Linear's ``in_features``."""
         return self.linear.in_features
 
 
@@ -240,7 +242,8 @@ def choose(
             several generator inputs), or ``None``.
 
     Raises:
-        ValueError: an unknown ``path`` or ``order``, or ``path="fast"`` with a generator that
+        ValueError: an unknown ``path`` or ``order``.
+        FastPathUnavailableError: (a ``ValueError``) ``path="fast"`` with a generator that
             does not end in ``nn.Linear``.
 
     """
@@ -252,12 +255,14 @@ def choose(
         return PathChoice("generic", "path='generic' given"), None
     if blocker is not None:
         if path == "fast":
-            raise ValueError(f"path='fast' is not available for this call: {blocker}. Use path='auto' or 'generic'.")
+            raise FastPathUnavailableError(
+                f"path='fast' is not available for this call: {blocker}. Use path='auto' or 'generic'."
+            )
         return PathChoice("generic", blocker), None
     tail, why = find_linear_tail(generator, geom)
     if tail is None:
         if path == "fast":
-            raise ValueError(
+            raise FastPathUnavailableError(
                 f"path='fast' needs a generator that is an nn.Linear or an nn.Sequential ending in one, "
                 f"with out_features = out_channels * in_channels // groups * prod(kernel_size) = "
                 f"{geom.weight_numel}; but {why}. Use path='auto' or 'generic'."

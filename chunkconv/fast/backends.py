@@ -31,6 +31,7 @@ class TorchBackend:
     name: str = "torch"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype, hidden: int) -> str | None:
+        """Why it cannot run here (``None``: PyTorch runs everywhere)."""
         return None
 
     def prepare(
@@ -84,6 +85,7 @@ class TritonBackend:
     name: str = "triton"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype, hidden: int) -> str | None:
+        """Why the fused kernels cannot run for this device, dtype and hidden width, or ``None``."""
         from .kernels import triton_unavailable  # imports no Triton
 
         return triton_unavailable(device, dtype, hidden)
@@ -91,6 +93,7 @@ class TritonBackend:
     def prepare(
         self, weight: Tensor, bias: Tensor | None, geom: ConvGeometry, order: str
     ) -> tuple[Tensor, Tensor | None]:
+        """``W`` and ``c`` as they are, cast once per call under autocast (the kernels are no autocast op)."""
         if torch.is_autocast_enabled(weight.device.type):
             # the kernels are no autocast op: cast W and c once per call here (triton_contract
             # casts each chunk's patches and h; W and c then already have the dtype)
@@ -101,6 +104,7 @@ class TritonBackend:
     def contract(
         self, patches: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry, order: str
     ) -> Tensor:
+        """One chunk's output ``(B, O)`` from the fused kernels."""
         from .kernels import triton_contract
 
         return triton_contract(patches, h, weight, bias, geom)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..binding import bind_parameters
-from ..errors import GeneratorOutputError
+from ..errors import FastPathUnavailableError, GeneratorOutputError
 from ..execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
 from ..forms import KernelForm
 from ..geometry import ConvGeometry
@@ -72,30 +72,36 @@ class LinearTailStep:
         source: int = 0,
         tail: LinearTail | None = None,
     ) -> LinearTailStep:
+        """The step for ``choice``; ``tail`` is the split the choice found (detected again if not given)."""
         why = ""
         if tail is None:
             tail, why = find_linear_tail(generator, geom)
         if tail is None:
-            raise ValueError(f"The fast path needs a generator ending in nn.Linear, but {why}.")
+            raise FastPathUnavailableError(f"The fast path needs a generator ending in nn.Linear, but {why}.")
         return cls(generator, param_names, choice, geom, tail, source)
 
     @property
     def extras(self) -> tuple[Tensor, ...]:
+        """No parameters of its own."""
         return ()
 
     @property
     def patch_layout(self) -> str:
+        """Patch rows: the body (the generator's first layers) receives them."""
         return "rows"  # the body (the generator's first layers) receives the patches
 
     @property
     def backend(self) -> Backend:
+        """The backend the choice named."""
         return BACKENDS[self.choice.backend or "torch"]
 
     @property
     def order(self) -> str:
+        """The contraction order the choice named."""
         return str(self.choice.order)
 
     def bind(self, params: Sequence[Tensor] | None, buffers: dict[str, Tensor] | None = None) -> BoundStep:
+        """The step bound to ``params`` (the generator's) and ``buffers``; ``W`` and ``c`` laid out for the backend."""
         own = params is None
         values = tuple(p for _, p in self.generator.named_parameters()) if params is None else tuple(params)
         by_name = dict(zip(self.param_names, values))

@@ -17,7 +17,10 @@ import griffe
 
 
 class FunctionalForms(griffe.Extension):
+    """Give griffe the signatures of the functions ``_functional`` makes."""
+
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        """Attach the generated functions' signatures once the package is loaded."""
         if pkg.name != "chunkconv":
             return
         static = pkg["functional"]

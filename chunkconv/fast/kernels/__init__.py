@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -109,7 +110,7 @@ def triton_contract(patches: Tensor, h: Tensor, weight: Tensor, bias: Tensor | N
     return fallback.guarded("forward", key, lambda: contract_module.TritonContract.apply(*args), pytorch)
 
 
-def _import_contract():
+def _import_contract() -> ModuleType:
     from . import contract
 
     return contract

@@ -393,6 +393,7 @@ class TritonContract(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+        """Run the fused forward kernel on one chunk; save what backward needs."""
         x, h, weight = x.contiguous(), h.contiguous(), weight.contiguous()
         ctx.geom = geom
         ctx.save_for_backward(x, h, weight, bias)
@@ -400,6 +401,7 @@ class TritonContract(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor):
+        """The fused backward kernels: the gradients of the patches, ``h``, ``W`` and ``c``."""
         x, h, weight, bias = ctx.saved_tensors
         gy, geom, needs = gy.contiguous().to(x.dtype), ctx.geom, ctx.needs_input_grad[:4]
         grads = fallback.guarded(
