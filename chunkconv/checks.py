@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .budget import parse_budget
 from .errors import BatchCoupledGeneratorError, ShardedGeneratorError
+from .forms import FORM_CLASSES
 from .geometry import ConvGeometry
 from .streams import KINDS
 
@@ -244,7 +245,7 @@ def check_static_weight(
     weight: object, kernel: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> None:
     """The modulated form needs its static weight ``(out, in / groups, *k)``; the others take none."""
-    if kernel != "modulated":
+    if not FORM_CLASSES[kernel].STATIC_WEIGHT:
         if weight is not None:
             raise ValueError(f"`weight` is the static weight of kernel='modulated'; got one with kernel={kernel!r}.")
         return

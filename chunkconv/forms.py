@@ -110,9 +110,10 @@ class KernelForm:
 
     NAME: ClassVar[str]
     WHAT: ClassVar[str]  # what the generator returns per location, for error messages
-    COLUMNS: ClassVar[bool] = (
-        True  # contracts patch rows in the "columns" layout (when the generator does not read them)
-    )
+    # contracts patch rows in the "columns" layout (when the generator does not read them)
+    COLUMNS: ClassVar[bool] = True
+    # the layer owns a static weight (out, in / groups, *k) that the form reads
+    STATIC_WEIGHT: ClassVar[bool] = False
 
     geom: ConvGeometry
     kernel_groups: int = 1
@@ -207,6 +208,7 @@ class Modulated(KernelForm):
 
     NAME: ClassVar[str] = "modulated"
     WHAT: ClassVar[str] = "per-tap scalars per location for kernel='modulated'"
+    STATIC_WEIGHT: ClassVar[bool] = True
 
     @cached_property
     def shapes(self) -> list[tuple[int, ...]]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .call import Budget, CallOptions
 from .checks import check_generator_callable
-from .forms import check_form
+from .forms import FORM_CLASSES, check_form
 from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
 from .planner import Plan
@@ -148,7 +148,7 @@ class DynamicConv(nn.Module):
         # which parameters the layer owns)
         s = self.spec
         check_form(kernel, kernel_groups, s.in_channels, s.out_channels, s.groups)
-        if kernel == "modulated":  # the static weight the generator's scalars modulate, as nn.Conv*d's
+        if FORM_CLASSES[kernel].STATIC_WEIGHT:  # the static weight the generator's scalars modulate, as nn.Conv*d's
             shape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
             self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         else:
