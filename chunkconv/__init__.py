@@ -4,11 +4,14 @@ from ._version import __version__ as __version__
 from .budget import format_bytes, parse_budget
 from .errors import BatchCoupledGeneratorError, BudgetTooSmallError, ChunkConvError, GeneratorOutputError
 from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d, plan
+from .halo import ReceptiveField, TilePlan
 from .memory import MemoryTracker
 from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .planner import Plan
 from .progress import set_progress
 from .reference import dynamic_conv_reference
+from .tile_layers import NotTileLocalError, receptive_field
+from .tiled import tile_plan, tiled
 
 __all__ = [
     "BatchCoupledGeneratorError",
@@ -20,7 +23,10 @@ __all__ = [
     "DynamicConv3d",
     "GeneratorOutputError",
     "MemoryTracker",
+    "NotTileLocalError",
     "Plan",
+    "ReceptiveField",
+    "TilePlan",
     "dynamic_conv",
     "dynamic_conv1d",
     "dynamic_conv2d",
@@ -29,5 +35,8 @@ __all__ = [
     "format_bytes",
     "parse_budget",
     "plan",
+    "receptive_field",
     "set_progress",
+    "tile_plan",
+    "tiled",
 ]
