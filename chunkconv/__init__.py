@@ -11,7 +11,7 @@ from .planner import Plan
 from .progress import set_progress
 from .reference import dynamic_conv_reference
 from .tile_layers import NotTileLocalError, receptive_field
-from .tiled import tile_plan, tiled
+from .tiling import tile_plan, tiled
 
 __all__ = [
     "BatchCoupledGeneratorError",

@@ -117,7 +117,8 @@ def _pool_geometry(name: str, module: nn.Module, ndim: int, *, dilation: bool) -
     stride = check_ntuple(module.stride if module.stride is not None else kernel, ndim, "stride")
     dil = check_ntuple(module.dilation, ndim, "dilation") if dilation else (1,) * ndim
     pads = tuple((p, p) for p in check_ntuple(module.padding, ndim, "padding", minimum=0))
-    return LayerGeometry(_label(name, module), kernel, stride, dil, pads)
+    least = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dil))  # torch's 3-D pools refuse smaller inputs
+    return LayerGeometry(_label(name, module), kernel, stride, dil, pads, least)
 
 
 def _label(name: str, module: nn.Module) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -326,8 +327,9 @@ def tiled(
     out_dtype = probe.cpu().numpy().dtype
 
     x = x.rechunk(plan.chunks) if x.chunks != plan.chunks else x
-    depth = {2 + a: h for a, h in enumerate(plan.halo)}
-    needs_overlap = any(b or a for b, a in plan.halo)
+    # an axis of one chunk needs no overlap (and dask refuses a depth beyond the array)
+    depth = {2 + a: h if len(c) > 1 else (0, 0) for a, (h, c) in enumerate(zip(plan.halo, plan.chunks[2:]))}
+    needs_overlap = any(b or a for b, a in depth.values())
 
     def overlapped(a: Any) -> Any:
         return da.overlap.overlap(a, depth=depth, boundary={k: "none" for k in depth}) if needs_overlap else a
@@ -354,7 +356,9 @@ def tiled(
     )
     import dask
 
-    shipped = dask.delayed(module, pure=True, traverse=False)  # one key in the graph, not one copy per task
+    # One key in the graph, not a copy per task. Named, not hashed: hashing would pickle the
+    # whole module (and round-trip it, which rebinds the globals of classes defined in __main__).
+    shipped = dask.delayed(module, name=f"chunkconv-module-{uuid.uuid4().hex}", traverse=False)
     return da.map_blocks(
         _run_tile,
         *arrays,
