@@ -219,12 +219,12 @@ def _declared(module: nn.Module, ndim: int, halo: object, stride: object) -> Ste
             f"got halo={halo!r}."
         )
     for name, inner in module.named_modules():
-        if isinstance(inner, DynamicConv) and set(inner.inputs) & {"guide", "features", "positions"}:
+        if isinstance(inner, DynamicConv) and "positions" in inner.inputs:
             raise _refuse(
                 name or type(module).__name__,
                 inner,
-                f"inside a module of declared geometry, its inputs {inner.inputs} cannot be given their tile; "
-                "use an nn.Sequential chunkconv can read",
+                "inside a module of declared geometry, its positions would be the tile's, not the whole "
+                "input's; use an nn.Sequential chunkconv can read",
             )
     kernel = tuple(b + a + st for (b, a), st in zip(pairs, s))
     # output o reads [o S - before, (o + 1) S + after): a convolution of that kernel, padded so

@@ -20,6 +20,8 @@ import dask  # noqa: E402
 
 F64 = torch.float64
 RTOL = 1e-12
+# bounded example counts (the file runs in well under a minute), more under HYPOTHESIS_PROFILE=thorough
+SCALE = max(1, settings.default.max_examples // 40)
 
 
 class Gen(nn.Module):
@@ -178,7 +180,7 @@ def _in_memory(net, xn, kw_np):
     return y.numpy()
 
 
-@settings(max_examples=30)
+@settings(max_examples=30 * SCALE)
 @given(case=cases())
 def test_tiled_equals_the_module_in_memory(case):
     net, shape, chunks, sides, out = case
@@ -190,7 +192,7 @@ def test_tiled_equals_the_module_in_memory(case):
     assert_close(y.compute(scheduler="threads", num_workers=2), want)
 
 
-@settings(max_examples=15)
+@settings(max_examples=15 * SCALE)
 @given(case=cases(chunkconv_layers=False))
 def test_the_plan_owns_every_output_once_with_the_predicted_chunks(case):
     net, shape, chunks, _, out = case
@@ -215,7 +217,7 @@ def _support(net, ndim, n):
     return mid, nz.min(0).values.tolist(), nz.max(0).values.tolist()
 
 
-@settings(max_examples=25)
+@settings(max_examples=25 * SCALE)
 @given(data=st.data())
 def test_receptive_field_matches_the_support_autograd_measures(data):
     ndim = data.draw(st.integers(1, 2), label="ndim")
