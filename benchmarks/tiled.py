@@ -47,7 +47,9 @@ def build_model(width: int = 16):
         nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
         nn.ReLU(),
-        chunkconv.DynamicConv2d(gen, width, 3, 3, padding=1, padding_mode="reflect", kernel="modulated", budget="64MiB"),
+        chunkconv.DynamicConv2d(
+            gen, width, 3, 3, padding=1, padding_mode="reflect", kernel="modulated", budget="64MiB"
+        ),
     ).eval()
 
 
@@ -60,7 +62,6 @@ def _child(store: str, out: str, chunk: int, repeats: int) -> dict:
     """One measurement in this (fresh) process: ``chunk`` 0 means in memory."""
     import dask
     import dask.array as da
-    import numpy as np
     import torch
     import zarr
 
@@ -143,8 +144,7 @@ def main_tiled(args: argparse.Namespace) -> int:
         f"tiled vs in-memory: {size} x {size} RGB float32 ({size * size * 12 / 2**20:.0f} MiB), Zarr in and out, "
         f"{len(os.sched_getaffinity(0))} cores",
         "",
-        "| run | tiles | predicted overhead | time (s) | time / in-memory | peak above baseline (MiB) "
-        "| max abs diff |",
+        "| run | tiles | predicted overhead | time (s) | time / in-memory | peak above baseline (MiB) | max abs diff |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -101,9 +101,7 @@ class ReceptiveField:
     @property
     def halo(self) -> tuple[tuple[int, int], ...]:
         """Per axis ``(before, after)``: ``S * ceil(P / S)`` and ``max(0, r - P - S)``."""
-        return tuple(
-            (s * -(-p // s), max(0, r - p - s)) for s, p, r in zip(self.stride, self.padding, self.size)
-        )
+        return tuple((s * -(-p // s), max(0, r - p - s)) for s, p, r in zip(self.stride, self.padding, self.size))
 
     def input_frames(self) -> list[tuple[int, ...]]:
         """Per layer, the stride ``j_{l-1}`` of its input in units of the stack's input."""
@@ -260,7 +258,9 @@ def _bounds(chunks: Sequence[int]) -> list[int]:
     return out
 
 
-def _axis_tiles(field: ReceptiveField, axis: int, n: int, m: int, bounds: list[int], spatial: Sequence[int]) -> AxisTiles | int:
+def _axis_tiles(
+    field: ReceptiveField, axis: int, n: int, m: int, bounds: list[int], spatial: Sequence[int]
+) -> AxisTiles | int:
     """The tiles of one axis for chunk boundaries ``bounds``, or the index of a chunk to merge away."""
     s = field.stride[axis]
     before, after = field.halo[axis]

@@ -79,16 +79,18 @@ _POINTWISE = (
     nn.Hardshrink,
     nn.Softshrink,
 )
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_CONVS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MAXPOOLS: dict[type, int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_AVGPOOLS: dict[type, int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> NotTileLocalError:
     return NotTileLocalError(f"Cannot tile layer {name!r} ({type(module).__name__}): {why}.")
 
 
-def _pads(padding: object, kernel: tuple[int, ...], dilation: tuple[int, ...], ndim: int) -> tuple[tuple[int, int], ...]:
+def _pads(
+    padding: object, kernel: tuple[int, ...], dilation: tuple[int, ...], ndim: int
+) -> tuple[tuple[int, int], ...]:
     if padding == "valid":
         return ((0, 0),) * ndim
     if padding == "same":
@@ -146,7 +148,7 @@ def _step(name: str, module: nn.Module, ndim: int) -> Step:
         return Step(name, module, geometry, takes)
     if type(module) in _CONVS:
         _ndim_of(name, module, _CONVS[type(module)], ndim)
-        return Step(name, module, _conv_geometry(name, module, ndim, module.padding_mode))
+        return Step(name, module, _conv_geometry(name, module, ndim, str(module.padding_mode)))
     if type(module) in _MAXPOOLS:
         _ndim_of(name, module, _MAXPOOLS[type(module)], ndim)
         return Step(name, module, _pool_geometry(name, module, ndim, dilation=True))
@@ -210,7 +212,7 @@ def _declared(module: nn.Module, ndim: int, halo: object, stride: object) -> Ste
     if isinstance(halo, int) or halo is None:
         pairs = [(0 if halo is None else halo,) * 2] * ndim
     elif isinstance(halo, Sequence) and len(halo) == ndim and all(isinstance(h, Sequence) for h in halo):
-        pairs = [tuple(h) for h in halo]  # type: ignore[misc]
+        pairs = [tuple(h) for h in halo]
     else:
         pairs = [(h, h) for h in check_ntuple(halo, ndim, "halo", minimum=0)]
     if any(len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in p) for p in pairs):

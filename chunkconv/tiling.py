@@ -151,7 +151,8 @@ def _task_threads(threads: int | str | None) -> int | None:
 def _feature_tile(features: Tensor, out: Sequence[int], crops: Sequence[tuple[int, int]]) -> Tensor:
     """The owned features placed in a tile's output grid; zeros where the tile's outputs are cropped away."""
     tile = features.new_zeros((*features.shape[:2], *out))
-    tile[(slice(None), slice(None), *(slice(a, b) for a, b in crops))] = features
+    index = (slice(None), slice(None), *(slice(a, b) for a, b in crops))
+    tile[index] = features
     return tile
 
 
@@ -200,7 +201,8 @@ def _run_tile(block: Any, *rest: Any, tiles: _Tiles, block_id: tuple[int, ...] =
                             f"The module of declared geometry (halo=, stride=) mapped a tile of spatial size "
                             f"{size} to {tuple(y.shape[2:])}; expected {expected}, ceil(size / stride) per axis."
                         )
-            y = y[(slice(None), slice(None), *(slice(a, b) for a, b in crops))]
+            owned = (slice(None), slice(None), *(slice(a, b) for a, b in crops))
+            y = y[owned]
             return y.cpu().numpy()
     finally:
         if threads is not None:
@@ -228,7 +230,9 @@ def _probe(model: TileModel, plan: TilePlan, module: nn.Module, dtype: Any, side
             if "features" in step.takes:
                 out = step.geometry.out_size(y.shape[2:])
                 assert out is not None
-                kwargs["features"] = torch.zeros((1, sides["features"].shape[1], *out), dtype=torch_dtype, device=device)
+                kwargs["features"] = torch.zeros(
+                    (1, sides["features"].shape[1], *out), dtype=torch_dtype, device=device
+                )
             y = step.module(y, **kwargs)
     return y
 

@@ -186,7 +186,7 @@ def thumbnails(noisy, stored, size: int, out: Path, docs_png: Path | None) -> li
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
     titles = [
         f"noisy slide {size}x{size} (1/{step})",
-        "denoised, tiled (1/{})".format(step),
+        f"denoised, tiled (1/{step})",
         f"noisy, {z}x{z} crop",
         "denoised crop",
     ]
@@ -240,9 +240,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"slide {size} x {size} RGB = {mpx:.1f} Mpx: {size * size * 3 / 2**20:.0f} MiB as uint8, "
         f"{size * size * 12 / 2**30:.2f} GiB as float32; {args.workers} workers capped at {args.memory_limit}"
     )
-    with LocalCluster(
-        n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         # 1. the slide, made chunk by chunk straight into the store (never whole in any process)
         t0 = time.perf_counter()
         spatial = da.core.normalize_chunks(chunk, (size,))[0]

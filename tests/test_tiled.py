@@ -89,8 +89,11 @@ def stacks(draw, ndim, chunkconv_layers=True):
     cin = c
     for i in range(n_layers):
         kind = draw(
-            st.sampled_from(["conv", "dynamic", "maxpool", "avgpool", "pointwise"] if chunkconv_layers else
-                            ["conv", "maxpool", "avgpool", "pointwise"]),
+            st.sampled_from(
+                ["conv", "dynamic", "maxpool", "avgpool", "pointwise"]
+                if chunkconv_layers
+                else ["conv", "maxpool", "avgpool", "pointwise"]
+            ),
             label=f"layer {i}",
         )
         if kind in ("conv", "dynamic"):
@@ -99,8 +102,16 @@ def stacks(draw, ndim, chunkconv_layers=True):
             if kind == "conv":
                 conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
                 layers.append(
-                    conv_cls(cin, cout, g["k"], g["stride"], g["padding"], g["dilation"],
-                             padding_mode=g["padding_mode"], dtype=F64)
+                    conv_cls(
+                        cin,
+                        cout,
+                        g["k"],
+                        g["stride"],
+                        g["padding"],
+                        g["dilation"],
+                        padding_mode=g["padding_mode"],
+                        dtype=F64,
+                    )
                 )
             else:
                 form = draw(st.sampled_from(["full", "modulated", "shared"]), label="form")
@@ -118,8 +129,19 @@ def stacks(draw, ndim, chunkconv_layers=True):
                 if draw(st.booleans(), label="positions"):
                     inputs.append("positions")
                 layers.append(
-                    dynamic(ndim, cin, cout, g["k"], form=form, inputs=tuple(inputs), stride=g["stride"],
-                            padding=g["padding"], dilation=g["dilation"], padding_mode=g["padding_mode"], **extra)
+                    dynamic(
+                        ndim,
+                        cin,
+                        cout,
+                        g["k"],
+                        form=form,
+                        inputs=tuple(inputs),
+                        stride=g["stride"],
+                        padding=g["padding"],
+                        dilation=g["dilation"],
+                        padding_mode=g["padding_mode"],
+                        **extra,
+                    )
                 )
             cin = cout
         elif kind in ("maxpool", "avgpool"):
@@ -324,12 +346,18 @@ class Odd(nn.Module):
 
 REFUSALS = [
     (nn.BatchNorm2d(1), r"'BatchNorm2d' \(BatchNorm2d\): in training mode .* call \.eval\(\) first"),
-    (nn.Sequential(nn.Conv2d(1, 1, 3), nn.InstanceNorm2d(1)), r"'1' \(InstanceNorm2d\): it normalises by statistics over the spatial axes"),
+    (
+        nn.Sequential(nn.Conv2d(1, 1, 3), nn.InstanceNorm2d(1)),
+        r"'1' \(InstanceNorm2d\): it normalises by statistics over the spatial axes",
+    ),
     (nn.GroupNorm(1, 1), r"GroupNorm.*statistics over the spatial axes"),
     (nn.LayerNorm(8), r"LayerNorm.*statistics over the spatial axes"),
     (nn.AdaptiveAvgPool2d(4), r"adaptive pooling's windows are fractions of the whole input"),
     (nn.AdaptiveMaxPool2d(4), r"adaptive pooling"),
-    (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), r"align_corners=True places its samples by the whole input's size"),
+    (
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+        r"align_corners=True places its samples by the whole input's size",
+    ),
     (nn.Upsample(scale_factor=2), r"fractional stride"),
     (nn.ConvTranspose2d(1, 1, 2, 2), r"transposed convolutions have a fractional stride"),
     (nn.MaxPool2d(2, ceil_mode=True), r"ceil_mode=True adds a last window"),
@@ -344,7 +372,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("module, message", REFUSALS, ids=[type(m).__name__ + str(i) for i, (m, _) in enumerate(REFUSALS)])
+@pytest.mark.parametrize(
+    "module, message", REFUSALS, ids=[type(m).__name__ + str(i) for i, (m, _) in enumerate(REFUSALS)]
+)
 def test_every_refusal_names_the_layer_and_says_why(module, message):
     x = da.zeros((1, 1, 8, 8))
     with pytest.raises(chunkconv.NotTileLocalError, match=message):
@@ -363,10 +393,16 @@ def test_attention_and_batch_coupled_generators_are_refused():
 
 
 def test_side_inputs_are_refused_where_their_frame_is_not_the_module_s():
-    late_guide = nn.Sequential(nn.Conv2d(1, 1, 3, dtype=F64), dynamic(2, 1, 1, (3, 3), inputs=("patches", "guide"), guide=1))
-    with pytest.raises(chunkconv.NotTileLocalError, match=r"'1' \(DynamicConv\): a guide is windowed like the layer's input"):
+    late_guide = nn.Sequential(
+        nn.Conv2d(1, 1, 3, dtype=F64), dynamic(2, 1, 1, (3, 3), inputs=("patches", "guide"), guide=1)
+    )
+    with pytest.raises(
+        chunkconv.NotTileLocalError, match=r"'1' \(DynamicConv\): a guide is windowed like the layer's input"
+    ):
         chunkconv.receptive_field(late_guide, 2)
-    early_features = nn.Sequential(dynamic(2, 1, 1, (3, 3), inputs=("patches", "features"), features=1), nn.MaxPool2d(2))
+    early_features = nn.Sequential(
+        dynamic(2, 1, 1, (3, 3), inputs=("patches", "features"), features=1), nn.MaxPool2d(2)
+    )
     with pytest.raises(chunkconv.NotTileLocalError, match=r"features are given at the layer's output resolution"):
         chunkconv.receptive_field(early_features, 2)
     inner = dynamic(2, 1, 1, (3, 3), inputs=("patches", "positions"))
@@ -377,7 +413,9 @@ def test_side_inputs_are_refused_where_their_frame_is_not_the_module_s():
 def test_argument_errors_come_before_any_work():
     net = dynamic(2, 1, 1, (3, 3), inputs=("patches", "guide"), guide=1, padding=1)
     x = da.zeros((1, 1, 8, 8), dtype="f8")
-    with pytest.raises(ValueError, match=r"^Layer 'DynamicConv' reads 'guide' \(its `inputs`\), so tiled\(\) needs guide="):
+    with pytest.raises(
+        ValueError, match=r"^Layer 'DynamicConv' reads 'guide' \(its `inputs`\), so tiled\(\) needs guide="
+    ):
         chunkconv.tiled(net, x)
     with pytest.raises(ValueError, match=r"^Got features=, but no layer of the module names 'features'"):
         chunkconv.tiled(net, x, guide=da.zeros((1, 1, 8, 8)), features=da.zeros((1, 1, 8, 8)))
@@ -401,7 +439,9 @@ def test_the_module_travels_once_as_one_delayed_key():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, dtype=F64), nn.ReLU())
     y = chunkconv.tiled(net, da.zeros((1, 1, 40, 40), chunks=(1, 1, 10, 10)))
     graph = dict(y.__dask_graph__())
-    holders = [k for k, v in graph.items() if isinstance(getattr(v, "value", None), nn.Module) or isinstance(v, nn.Module)]
+    holders = [
+        k for k, v in graph.items() if isinstance(getattr(v, "value", None), nn.Module) or isinstance(v, nn.Module)
+    ]
     assert len(holders) == 1 and y.numblocks == (1, 1, 4, 4)
     tasks = [k for k in graph if isinstance(k, tuple) and k[0] == y.name]
     assert len(tasks) == 16
@@ -470,8 +510,11 @@ def test_import_chunkconv_without_dask():
 
 def test_zarr_v3_round_trip(tmp_path):
     zarr = pytest.importorskip("zarr")
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect", dtype=F64), nn.ReLU(),
-                        dynamic(2, 4, 4, (3, 3), form="shared", padding=1)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect", dtype=F64),
+        nn.ReLU(),
+        dynamic(2, 4, 4, (3, 3), form="shared", padding=1),
+    ).eval()
     xn = np.random.default_rng(6).standard_normal((1, 3, 40, 48))
     src = zarr.create_array(str(tmp_path / "in.zarr"), shape=xn.shape, chunks=(1, 3, 16, 16), dtype="f8")
     src[...] = xn
@@ -487,8 +530,11 @@ def test_zarr_v3_round_trip(tmp_path):
 
 def test_local_cluster_of_two_worker_processes():
     distributed = pytest.importorskip("distributed")
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype=F64), nn.GELU(),
-                        dynamic(2, 3, 3, (3, 3), form="modulated", inputs=("patches", "positions"), padding=1))
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype=F64),
+        nn.GELU(),
+        dynamic(2, 3, 3, (3, 3), form="modulated", inputs=("patches", "positions"), padding=1),
+    )
     xn = np.random.default_rng(7).standard_normal((2, 2, 36, 28))
     x = da.from_array(xn, chunks=(1, 2, 12, 10))
     want = _in_memory(net, xn, {})
