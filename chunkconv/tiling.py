@@ -277,8 +277,10 @@ def tiled(
         device: where tasks run the module (a copy is moved there once per process); results
             come back as host (NumPy) blocks. Default: ``None`` (where the module is).
         threads: torch threads per task: ``"auto"`` shares a process's cores among the tasks it
-            runs at once (one per task under the threaded scheduler on a busy machine; never more
-            than the process has); an int; or ``None`` to leave torch's setting. Default: ``"auto"``.
+            runs at once (a distributed worker's threads; the threaded scheduler's pool, one
+            thread per core unless Dask's ``num_workers`` config says otherwise; one task at a
+            time on the synchronous scheduler), never more than torch has; an int; or ``None``
+            to leave torch's setting. Default: ``"auto"``.
 
     Returns:
         A Dask array ``(N, C_out, *out_spatial)``, chunked as :func:`tile_plan` says.

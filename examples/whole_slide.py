@@ -167,7 +167,10 @@ def exact_on_a_crop(model: KPN, noisy, size: int, crop: int, chunk: int) -> floa
     return float(np.abs(got - want).max())
 
 
-def thumbnails(noisy, stored, size: int, out: Path, docs_png: Path | None) -> list[Path]:
+def thumbnails(noisy, stored, size: int, chunk: int, out: Path, docs_png: Path | None) -> list[Path]:
+    """Input and output at 1/step (block means, so the slide's large-scale shading shows), and a
+    full-resolution crop across the corner where four tiles meet, their borders dashed (no seam).
+    """
     try:
         import matplotlib
 
@@ -176,22 +179,33 @@ def thumbnails(noisy, stored, size: int, out: Path, docs_png: Path | None) -> li
     except ImportError:
         print("matplotlib is not installed: no thumbnails")
         return []
-    step = max(1, size // 512)
-    small_in = noisy[0, :, ::step, ::step].compute().transpose(1, 2, 0)
-    small_out = stored[0, :, ::step, ::step].compute().transpose(1, 2, 0)
-    z = min(size, 192)
-    y0 = size // 2 - z // 2
-    zoom_in = noisy[0, :, y0 : y0 + z, y0 : y0 + z].compute().transpose(1, 2, 0)
-    zoom_out = stored[0, :, y0 : y0 + z, y0 : y0 + z].compute().transpose(1, 2, 0)
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-    titles = [
-        f"noisy slide {size}x{size} (1/{step})",
-        f"denoised, tiled (1/{step})",
-        f"noisy, {z}x{z} crop",
-        "denoised crop",
+    import dask.array as da
+    import numpy as np
+
+    step = max(1, size // 384)
+    small = [
+        da.coarsen(np.mean, a[0, :, : size - size % step, : size - size % step], {1: step, 2: step}, trim_excess=True)
+        .compute()
+        .transpose(1, 2, 0)
+        / 255
+        for a in (noisy, stored)
     ]
-    for ax, img, title in zip(axes, [small_in, small_out, zoom_in, zoom_out], titles):
+    z = min(size, 160)
+    corner = (size // 2) // chunk * chunk if size > chunk else size // 2  # a corner where four tiles meet
+    y0 = max(0, corner - z // 2)
+    zoom = [a[0, :, y0 : y0 + z, y0 : y0 + z].compute().transpose(1, 2, 0) for a in (noisy, stored)]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+    titles = [
+        f"noisy slide, {size} px (1/{step})",
+        f"denoised, tiled (1/{step})",
+        f"noisy, {z} px crop at a tile corner",
+        "denoised: no seam at the tile borders",
+    ]
+    for i, (ax, img, title) in enumerate(zip(axes, [*small, *zoom], titles)):
         ax.imshow(img, interpolation="nearest")
+        if i >= 2 and size > chunk:
+            for line in (ax.axhline, ax.axvline):
+                line(corner - y0 - 0.5, color="white", lw=0.8, ls="--")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -200,7 +214,7 @@ def thumbnails(noisy, stored, size: int, out: Path, docs_png: Path | None) -> li
     fig.savefig(paths[0], dpi=90)
     if docs_png is not None:
         docs_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(docs_png, dpi=70)
+        fig.savefig(docs_png, dpi=60)
         paths.append(docs_png)
     plt.close(fig)
     return paths
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"  {name} {crop}x{crop} crop: largest difference from the in-memory model {diff:.0f} uint8 levels")
         float_diff = exact_on_a_crop(model, noisy, size, crop, chunk)
         print(f"  tiled vs in-memory on a {min(size, 2 * crop)} px sub-slide, float32: max |diff| = {float_diff:.3g}")
-        figures = thumbnails(noisy, stored, size, args.out or args.store, args.docs_png)
+        figures = thumbnails(noisy, stored, size, chunk, args.out or args.store, args.docs_png)
         for path in figures:
             print(f"  figure: {path}")
     return {

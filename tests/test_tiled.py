@@ -466,7 +466,8 @@ def test_threads_per_task():
     chunkconv.tiled(_recording(seen), x, halo=0, threads=1).compute(scheduler="threads", num_workers=2)
     assert len(seen) == 4 + 1 and {t for _, t in seen[1:]} == {1}  # the probe, then four tasks
     seen.clear()
-    chunkconv.tiled(_recording(seen), x, halo=0).compute(scheduler="threads", num_workers=2)
+    with dask.config.set(scheduler="threads", num_workers=2):  # the pool's size, which "auto" reads
+        chunkconv.tiled(_recording(seen), x, halo=0).compute()
     cores = len(__import__("os").sched_getaffinity(0))
     assert {t for _, t in seen[1:]} == {max(1, min(before, cores // 2))}
     seen.clear()
