@@ -47,9 +47,7 @@ def build_model(width: int = 16):
         nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"),
         nn.ReLU(),
-        chunkconv.DynamicConv2d(
-            gen, width, 3, 3, padding=1, padding_mode="reflect", kernel="modulated", budget="64MiB"
-        ),
+        chunkconv.DynamicConv2d(gen, width, 3, 3, padding=1, padding_mode="reflect", kernel="modulated"),
     ).eval()
 
 
