@@ -1,5 +1,6 @@
 """Command line: ``python -m benchmarks [run] ...`` measures; ``python -m benchmarks report ...`` renders;
-``python -m benchmarks layers ...`` measures published layers against their direct implementations.
+``python -m benchmarks layers ...`` measures published layers against their direct implementations;
+``python -m benchmarks tiled ...`` measures ``chunkconv.tiled`` against the model in memory.
 
 Examples::
 
@@ -9,6 +10,7 @@ Examples::
     python -m benchmarks report results/cpu-all-*.json --markdown docs/benchmarks.md
     python -m benchmarks layers --quick                              # seconds
     python -m benchmarks layers --repeats 3 --name cpu-layers        # KPN, PAC, PSF, involution, DCN mask
+    python -m benchmarks tiled                                       # tiled over Zarr vs in memory
 
 ``run`` writes ``OUT/NAME.json`` (rewritten after every case), ``OUT/NAME.md`` and, with matplotlib,
 ``OUT/NAME.png``. ``report`` turns one or more run JSONs into one Markdown page, plots next to it in
@@ -174,7 +176,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report", "layers", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "report", "layers", "tiled", "-h", "--help"):
         argv.insert(0, "run")
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     _report_parser(sub)
     _layers_parser(sub)
+    from .tiled import main_tiled, tiled_parser
+
+    tiled_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "layers":
         from .layers_cpu import main_layers
 
         return main_layers(args)
+    if args.command == "tiled":
+        return main_tiled(args)
     return _cmd_run(args) if args.command == "run" else _cmd_report(args)
 
 

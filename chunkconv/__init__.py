@@ -12,11 +12,14 @@ from .errors import (
     UntrackedGradientError,
 )
 from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d, plan
+from .halo import ReceptiveField, TilePlan
 from .memory import MemoryTracker
 from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .planner import Plan
 from .progress import set_progress
 from .reference import dynamic_conv_reference
+from .tile_layers import NotTileLocalError, receptive_field
+from .tiling import tile_plan, tiled
 
 __all__ = [
     "BatchCoupledGeneratorError",
@@ -29,9 +32,12 @@ __all__ = [
     "FastPathUnavailableError",
     "GeneratorOutputError",
     "MemoryTracker",
+    "NotTileLocalError",
     "Plan",
     "ShardedGeneratorError",
     "UntrackedGradientError",
+    "ReceptiveField",
+    "TilePlan",
     "dynamic_conv",
     "dynamic_conv1d",
     "dynamic_conv2d",
@@ -40,5 +46,8 @@ __all__ = [
     "format_bytes",
     "parse_budget",
     "plan",
+    "receptive_field",
     "set_progress",
+    "tile_plan",
+    "tiled",
 ]

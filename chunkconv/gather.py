@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -44,6 +46,7 @@ __all__ = [
     "PositionStream",
     "guide_geometry",
     "position_axes",
+    "position_frame",
     "blockwise",
     "gather_patch_columns",
     "gather_patches",
@@ -395,18 +398,47 @@ class GuideStream(PatchStream):
         super().__init__(guide, guide_geometry(geom, guide.shape[1]), input_grad=input_grad)
 
 
+# The frame positions are given in (see position_frame): the tile's spatial size, its first
+# element's index in the whole input, and the whole input's spatial size.
+_FRAME: ContextVar[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None] = ContextVar(
+    "chunkconv_position_frame", default=None
+)
+
+
+@contextmanager
+def position_frame(shape: Sequence[int], origin: Sequence[int], size: Sequence[int]) -> Iterator[None]:
+    """Inside the block, an input of spatial ``shape`` is the tile at ``origin`` of a whole input of ``size``.
+
+    ``inputs=("positions",)`` then gives each location's position in the whole input, not in
+    the tile: what :func:`chunkconv.tiled` sets around each layer it calls. It applies to calls
+    on an input of exactly ``shape`` (per spatial dimension), in this thread or task only (a
+    context variable).
+    """
+    token = _FRAME.set((tuple(shape), tuple(origin), tuple(size)))
+    try:
+        yield
+    finally:
+        _FRAME.reset(token)
+
+
 def position_axes(geom: ConvGeometry) -> list[Tensor]:
     """Per spatial dimension, each output index's window centre in the input, in [-1, 1].
 
     As ``grid_sample`` with ``align_corners=False``: -1 and 1 are the outer edges of the input;
     output index ``o`` has its window centre at input pixel ``o * stride - pad_left +
-    dilation * (k - 1) / 2``, whose centre lies at ``(2 * pixel + 1) / size - 1``.
+    dilation * (k - 1) / 2``, whose centre lies at ``(2 * pixel + 1) / size - 1``. Inside
+    :func:`position_frame`, for an input of its shape, the pixel is offset by the frame's
+    origin and ``size`` is the whole input's.
     """
+    frame = _FRAME.get()
+    if frame is None or frame[0] != geom.in_spatial:
+        frame = (geom.in_spatial, (0,) * geom.ndim, geom.in_spatial)
+    _, origin, size = frame
     axes = []
     for d in range(geom.ndim):
         o = torch.arange(geom.out_spatial[d], dtype=torch.float64)
-        centre = o * geom.stride[d] - geom.pads[d][0] + geom.dilation[d] * (geom.kernel_size[d] - 1) / 2
-        axes.append((2 * centre + 1) / geom.in_spatial[d] - 1)
+        centre = origin[d] + o * geom.stride[d] - geom.pads[d][0] + geom.dilation[d] * (geom.kernel_size[d] - 1) / 2
+        axes.append((2 * centre + 1) / size[d] - 1)
     return axes
 
 

@@ -52,6 +52,7 @@ def test_every_example_has_a_smoke_test():
         "training_budget",
         "guided_upsampling",
         "spatially_varying_blur",
+        "whole_slide",
     }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -258,3 +259,22 @@ def test_training_budget(capsys):
         out
     )
     assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out
+
+
+def test_whole_slide_on_a_small_slide_equals_the_model_in_memory(tmp_path):
+    pytest.importorskip("distributed")
+    pytest.importorskip("zarr")
+    out = run_script("whole_slide", "--smoke", "--store", str(tmp_path), timeout=300)
+    assert "slide 512 x 512 RGB" in out and "16 tiles" in out
+    assert "corner 256x256 crop: largest difference from the in-memory model 0 uint8 levels" in out
+    assert "centre 256x256 crop: largest difference from the in-memory model 0 uint8 levels" in out
+    diff = float(re.search(r"float32: max \|diff\| = (\S+)", out).group(1))
+    assert diff < 1e-5
+    peaks = [int(m) for m in re.findall(r"peak memory (\d+) MiB \(cap 1GiB\)", out)]
+    assert len(peaks) == 2 and all(0 < p < 1024 for p in peaks)
+    assert re.search(r"Mpx in [\d.]+ s: [\d.]+ Mpx/s on 2 workers", out)
+    import zarr
+
+    assert zarr.open_array(str(tmp_path / "denoised.zarr"), mode="r").dtype == "uint8"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "whole_slide.png").stat().st_size > 0

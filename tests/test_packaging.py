@@ -36,7 +36,17 @@ def test_testing_names_the_extra_when_hypothesis_is_missing(monkeypatch):
 
 
 def test_import_chunkconv_imports_no_optional_dependency():
-    optional = ["hypothesis", "pytest", "triton", "matplotlib", "tqdm", "chunkconv.testing"]
+    optional = [
+        "hypothesis",
+        "pytest",
+        "triton",
+        "matplotlib",
+        "tqdm",
+        "chunkconv.testing",
+        "dask",
+        "distributed",
+        "zarr",
+    ]
     # torch itself may import some of them where they are installed (tqdm, for torch.hub): only
     # what `import chunkconv` adds to `import torch` counts
     code = (
