@@ -47,6 +47,7 @@ class LayerGeometry:
 
     @property
     def ndim(self) -> int:
+        """The number of spatial dimensions."""
         return len(self.kernel_size)
 
     @property
@@ -96,6 +97,7 @@ class ReceptiveField:
 
     @property
     def ndim(self) -> int:
+        """The number of spatial dimensions."""
         return len(self.stride)
 
     @property
@@ -210,6 +212,7 @@ class TilePlan:
 
     @property
     def halo(self) -> tuple[tuple[int, int], ...]:
+        """Per spatial axis, the input a tile reads before and after the outputs it owns."""
         return self.field.halo
 
     @property
@@ -219,6 +222,7 @@ class TilePlan:
 
     @property
     def num_tiles(self) -> int:
+        """How many tasks (blocks) the tiled graph runs."""
         return len(self.chunks[0]) * math.prod(len(a.chunks) for a in self.axes)
 
     @property
