@@ -31,6 +31,7 @@ __all__ = [
     "check_chunk_size",
     "check_generator",
     "check_generator_callable",
+    "module_effects_error",
     "check_input_dtype",
     "check_input_type",
     "check_inputs",
@@ -172,6 +173,58 @@ def check_generator(
                 "which casts float32/float16/bfloat16 but not float64)."
             )
     return dict(generator.named_parameters())
+
+
+def module_effects_error(
+    generator: nn.Module,
+    untracked: bool,
+    changed: Sequence[str],
+    *,
+    training: bool,
+    allow_batch_coupled: bool,
+    op: str,
+) -> Exception | None:
+    """The error for what a probe run of a module generator showed (see ``measure.generator_effects``).
+
+    ``untracked``: with its parameters replaced by detached stand-ins its output still needed a
+    gradient, so it reads tensors other than its registered parameters; ``changed``: the buffers
+    the run updated. ``None`` when the call can go ahead.
+    """
+    if training and untracked:
+        compiled = sys.modules.get("torch._dynamo.eval_frame")
+        if isinstance(generator, torch.jit.ScriptModule):
+            why = (
+                "it is a TorchScript module (torch.jit.script or torch.jit.trace), whose forward reads its "
+                "parameters inside TorchScript, where chunkconv cannot substitute the stand-ins its backward "
+                "differentiates. Pass the eager module instead (chunkconv calls it chunk by chunk anyway)"
+            )
+        elif compiled is not None and isinstance(generator, getattr(compiled, "OptimizedModule", ())):
+            why = (
+                "it is a torch.compile'd module, whose compiled forward reads the original module's parameters, "
+                "where chunkconv cannot substitute the stand-ins its backward differentiates. Pass the original "
+                "module (generator._orig_mod), and compile the model around the layer instead "
+                "(see docs/training.md)"
+            )
+        else:
+            why = (
+                "it uses tensors that need a gradient but are not its registered parameters, for example layers "
+                "kept in a plain Python list or a tensor it closes over. Register them: nn.ModuleList for layers, "
+                "nn.Parameter (or a submodule) for tensors"
+            )
+        return ValueError(
+            f"Invalid `generator` for {op}: with its parameters replaced by detached stand-ins its output still "
+            f"needs a gradient, so chunkconv's backward would give its parameters no gradient: {why}."
+        )
+    if changed and not allow_batch_coupled:
+        names = ", ".join(repr(n) for n in changed)
+        return BatchCoupledGeneratorError(
+            f"The generator updates its state on every call: running it changed its buffers {names} "
+            "(spectral_norm in training mode does this, for example). Each chunk would see other buffers than "
+            "the last, so results would change with the chunk size. Put the generator in eval mode "
+            "(generator.eval()), or pass allow_batch_coupled=True to accept chunk-dependent results (backward "
+            "then recomputes every chunk from the buffers forward started from)."
+        )
+    return None
 
 
 # -- side inputs and the static weight ----------------------------------------------------------

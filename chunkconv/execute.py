@@ -148,12 +148,17 @@ class _BoundGenerator:
 
 
 def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
-    """Refuse an output in another dtype than the patches (unless autocast casts both anyway).
+    """Refuse an output on another device or in another dtype than the patches (unless autocast casts both anyway).
 
     Raises:
-        GeneratorOutputError: naming the expected and the returned dtype.
+        GeneratorOutputError: naming the expected and the returned device or dtype.
 
     """
+    if isinstance(out, Tensor) and out.device != patches.device:
+        raise GeneratorOutputError(
+            f"{what} must return its output on the device of its input: expected {patches.device}, "
+            f"got {out.device}. Move the generator (and whatever it creates tensors with) to {patches.device}."
+        )
     if not isinstance(out, Tensor) or autocast_compatible(out.dtype, patches.dtype, patches.device):
         return
     raise GeneratorOutputError(

@@ -18,13 +18,21 @@ from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
-from .checks import check_input_type
+from .checks import check_input_type, module_effects_error
 from .execute import ChunkStep, add_bias, forward_chunks
 from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
 from .gather import make_streams
 from .geometry import ConvSpec, conv_spec_for_input
-from .measure import MEASURED, ProbedCosts, generator_cache, generator_state, remember, uses_untracked_grads
+from .measure import (
+    MEASURED,
+    ProbedCosts,
+    generator_cache,
+    generator_effects,
+    generator_state,
+    remember,
+    uses_untracked_grads,
+)
 from .planner import Plan, PlanRequest, make_plan
 from .progress import progress_bar, wants_progress
 
@@ -130,6 +138,8 @@ def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimat
     )
     if call.training and not isinstance(generator, nn.Module):
         _check_tracked_grads(call, generator, step)
+    elif isinstance(generator, nn.Module):
+        _check_module_effects(call, generator, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
 
 
@@ -137,7 +147,7 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
     """Refuse a plain callable that uses tensors needing grad (it can own no parameters).
 
     Its captures are invisible, so it is checked on every training call (one run on two rows);
-    a module's parameters are tracked, and its forward is not run more often than it must be.
+    a module is checked by :func:`_check_module_effects`, once per state.
     """
     untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams, call.channels)
     if untracked:
@@ -148,6 +158,47 @@ def _check_tracked_grads(call: Call, generator: Generator, step: ChunkStep) -> N
             "no gradient. Make them the generator's parameters: pass the module itself as the generator, or "
             "wrap the function in an nn.Module that owns them."
         )
+
+
+def _check_module_effects(call: Call, generator: nn.Module, step: ChunkStep) -> None:
+    """Refuse a module whose output needs gradients its parameters cannot carry (TorchScript, compiled,
+    layers in a plain list) or whose forward updates its buffers (spectral_norm in training mode).
+
+    One run on two rows, once per generator state and call configuration (the result is cached).
+    """
+    geom = call.geom
+    key = (
+        "effects",
+        geom.in_channels,
+        geom.out_channels,
+        geom.kernel_size,
+        geom.dilation,
+        geom.groups,
+        call.dtype,
+        call.device,
+        generator_state(generator),
+        call.form.name,
+        call.options.inputs,
+        call.channels,
+        call.training,
+        call.options.allow_batch_coupled,
+        type(step).__name__,
+    )
+    cache = generator_cache(generator)
+    if key in cache:
+        return
+    untracked, changed = generator_effects(step, geom, call.dtype, call.device, call.streams, call.channels)
+    error = module_effects_error(
+        generator,
+        untracked,
+        changed,
+        training=call.training,
+        allow_batch_coupled=call.options.allow_batch_coupled,
+        op=call.op,
+    )
+    if error is not None:
+        raise error
+    remember(cache, key, True)
 
 
 def _side(features: object, guide: object) -> dict:

@@ -37,6 +37,7 @@ __all__ = [
     "ProbedCosts",
     "StepCost",
     "generator_cache",
+    "generator_effects",
     "generator_state",
     "measure_step_cost",
     "probe_sizes",
@@ -308,7 +309,25 @@ def uses_untracked_grads(
     function closes over, say): forward runs without a graph, so they would silently get no
     gradient. Runs the step once on two random rows, with the parameters detached.
     """
+    return generator_effects(step, geom, dtype, device, streams, channels)[0]
+
+
+def generator_effects(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    device: torch.device,
+    streams: Sequence[str] = ("patches",),
+    channels: Sequence[int] | None = None,
+) -> tuple[bool, tuple[str, ...]]:
+    """What one run of the step on two random rows shows: ``(untracked, changed)``.
+
+    ``untracked``: its output needs a gradient although neither its rows nor its parameters (detached
+    stand-ins) do (see :func:`uses_untracked_grads`); ``changed``: the names of the generator's
+    buffers that the run updated (on copies), i.e. its forward has state that changes per call.
+    """
     params, buffers = _stand_ins(step)
+    originals = dict(step.generator.named_buffers()) if isinstance(step.generator, nn.Module) else {}
     detached = [p.detach() for p in params]
     bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
     probe = probe_geometry(geom, 2)
@@ -317,9 +336,23 @@ def uses_untracked_grads(
     with forked_rng(device), torch.enable_grad():
         rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe, patch_layout=step.patch_layout))
         try:
-            return bool(bound(rows).requires_grad)
+            untracked = bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
-            return False
+            return False, ()
+    changed = tuple(
+        name
+        for name, copy in buffers.items()
+        if name in originals and not _same(copy, originals[name])
+    )
+    return untracked, changed
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+    return torch.equal(a, b)
 
 
 # -- caches ------------------------------------------------------------------------------------

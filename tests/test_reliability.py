@@ -1,0 +1,170 @@
+"""Issue 21: cases where training was silently wrong (no gradients, other masks, other buffers,
+memory of another device) are now right or refused before any result."""
+
+import copy
+import threading
+from collections import defaultdict
+
+import pytest
+import torch
+from torch import nn
+
+import chunkconv
+from chunkconv.errors import BatchCoupledGeneratorError, GeneratorOutputError
+
+F64 = torch.float64
+P = 2 * 9
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(P, 8), nn.Tanh(), nn.Linear(8, 3 * P)).to(F64)
+
+
+def _x():
+    return torch.randn(1, 2, 6, 6, dtype=F64, requires_grad=True)
+
+
+# -- 1. generators whose parameters backward cannot reach -----------------------------------
+
+
+class _ListOfLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(P, 3 * P).to(F64)]  # a plain list: not registered
+
+    def forward(self, p):
+        return self.layers[0](p)
+
+
+@pytest.mark.parametrize(
+    "wrap, match",
+    [
+        (torch.jit.script, "TorchScript module"),
+        (lambda m: torch.jit.trace(m, torch.randn(4, P, dtype=F64)), "TorchScript module"),
+        (lambda m: torch.compile(m, backend="eager"), r"torch.compile'd module.*_orig_mod"),
+        (lambda m: _ListOfLayers(), "plain Python list"),
+    ],
+    ids=["jit.script", "jit.trace", "compile", "plain-list"],
+)
+def test_wrapped_generators_are_refused_before_any_result(wrap, match):
+    gen = wrap(_mlp())
+    x = _x()
+    with pytest.raises(ValueError, match=rf"^Invalid `generator` for dynamic_conv2d: .*{match}"):
+        chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1)
+    assert x.grad is None
+    with torch.no_grad():  # nothing to differentiate: they run
+        assert chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1).shape == (1, 3, 6, 6)
+
+
+def test_frozen_parameters_in_a_plain_list_are_accepted():
+    gen = _ListOfLayers().requires_grad_(False)
+    for layer in gen.layers:
+        layer.requires_grad_(False)
+    x = _x()
+    chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1).sum().backward()
+    assert x.grad is not None
+
+
+# -- 2. threads and random numbers --------------------------------------------------------------
+
+
+class _Recording(nn.Module):
+    """Draws a random factor per row and records, per thread, what forward and backward drew."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(P, 3 * P).to(F64)
+        self.drop = nn.Dropout(0.5)
+        self.log = None
+
+    def forward(self, p):
+        noise = torch.rand(p.shape[0], 1, dtype=p.dtype)
+        if self.log is not None:
+            phase = "backward" if torch.is_grad_enabled() else "forward"
+            self.log[threading.get_ident(), phase].append(noise)
+        return self.drop(self.lin(p)) * (1 + noise)
+
+
+def test_two_threads_with_dropout_replay_their_own_draws():
+    gen = _Recording()
+    conv = chunkconv.DynamicConv2d(gen, 2, 3, 3, padding=1, chunk_size=3, dtype=F64)
+    x = torch.randn(2, 2, 6, 6, dtype=F64)
+    conv(x.requires_grad_()).sum().backward()  # the checks' probe runs once, before recording
+    gen.log = defaultdict(list)
+    errors = []
+
+    def train():
+        try:
+            for _ in range(6):
+                conv(x.detach().requires_grad_()).square().sum().backward()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=train) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    idents = {ident for ident, _ in gen.log}
+    assert len(idents) == 2
+    for ident in idents:
+        drawn, replayed = gen.log[ident, "forward"], gen.log[ident, "backward"]
+        assert len(drawn) == len(replayed) == 6 * 24
+        differ = sum(not torch.equal(a, b) for a, b in zip(drawn, replayed))
+        assert differ == 0, f"{differ} of {len(drawn)} chunks replayed other random numbers than forward drew"
+
+
+# -- 3. generators whose forward updates their buffers ------------------------------------------
+
+
+def _spectral(api):
+    torch.manual_seed(0)
+    return nn.Sequential(api(nn.Linear(P, 8)), nn.Tanh(), nn.Linear(8, 3 * P)).to(F64)
+
+
+SPECTRAL = [torch.nn.utils.spectral_norm, torch.nn.utils.parametrizations.spectral_norm]
+
+
+@pytest.mark.parametrize("api", SPECTRAL, ids=["hook", "parametrization"])
+def test_spectral_norm_in_training_mode_is_refused_without_the_opt_in(api):
+    gen = _spectral(api)
+    before = {n: b.clone() for n, b in gen.named_buffers()}
+    with pytest.raises(BatchCoupledGeneratorError, match=r"updates its state on every call.*allow_batch_coupled=True"):
+        chunkconv.dynamic_conv2d(_x(), gen, 3, 3, padding=1)
+    assert all(torch.equal(b, before[n]) for n, b in gen.named_buffers())  # the check ran on copies
+    gen.eval()
+    chunkconv.dynamic_conv2d(_x(), gen, 3, 3, padding=1).sum().backward()
+
+
+@pytest.mark.parametrize("api", SPECTRAL, ids=["hook", "parametrization"])
+@pytest.mark.parametrize("path", ["generic", "fast"])
+def test_spectral_norm_with_the_opt_in_replays_the_buffers_forward_saw(api, path):
+    gen = _spectral(api)
+    oracle = copy.deepcopy(gen)
+    x = _x()
+    y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, allow_batch_coupled=True, path=path)
+    y.square().sum().backward()
+    x2 = x.detach().requires_grad_()
+    want = chunkconv.dynamic_conv_reference(x2, oracle, out_channels=3, kernel_size=3, padding=1)
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    for p, q in zip(gen.parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    for (n, b), c in zip(gen.named_buffers(), oracle.buffers()):  # forward updated them once, as the oracle
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-12, msg=n)
+
+
+# -- 4. a generator answering on another device ------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel, width, out", [("full", 3 * P, 3), ("shared", 9, 2), ("modulated", 9, 3)])
+def test_output_on_another_device_is_refused(kernel, width, out):
+    def gen(p):
+        return torch.zeros(p.shape[0], width, dtype=p.dtype, device="meta")
+
+    weight = torch.randn(3, 2, 3, 3) if kernel == "modulated" else None
+    with pytest.raises(GeneratorOutputError, match=r"on the device of its input: expected cpu, got meta"):
+        chunkconv.dynamic_conv2d(torch.randn(1, 2, 6, 6), gen, out, 3, padding=1, kernel=kernel, weight=weight)
