@@ -32,6 +32,7 @@ __all__ = [
     "check_generator",
     "check_generator_callable",
     "module_effects_error",
+    "needs_effects_probe",
     "check_input_dtype",
     "check_input_type",
     "check_inputs",
@@ -173,6 +174,24 @@ def check_generator(
                 "which casts float32/float16/bfloat16 but not float64)."
             )
     return dict(generator.named_parameters())
+
+
+def needs_effects_probe(generator: nn.Module) -> bool:
+    """Whether a module generator must be run once to see what it reads and updates.
+
+    Modules built only from ``torch.nn``'s own layers, without hooks, read nothing but their
+    registered parameters and update no buffer (norms with running statistics in training mode excepted); any
+    other module (the user's own classes, parametrized layers, TorchScript and compiled modules,
+    hooks such as ``spectral_norm``'s) is run once on two rows (see ``module_effects_error``).
+    """
+    for module in generator.modules():
+        if not type(module).__module__.startswith("torch.nn.modules."):
+            return True
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+            return True
+        if module._forward_hooks or module._forward_pre_hooks:
+            return True
+    return False
 
 
 def module_effects_error(

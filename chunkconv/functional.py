@@ -18,7 +18,7 @@ from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
-from .checks import check_input_type, module_effects_error
+from .checks import check_input_type, module_effects_error, needs_effects_probe
 from .execute import ChunkStep, add_bias, forward_chunks
 from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
@@ -138,7 +138,7 @@ def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimat
     )
     if call.training and not isinstance(generator, nn.Module):
         _check_tracked_grads(call, generator, step)
-    elif isinstance(generator, nn.Module):
+    elif isinstance(generator, nn.Module) and needs_effects_probe(generator):
         _check_module_effects(call, generator, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
 

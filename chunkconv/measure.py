@@ -331,9 +331,9 @@ def generator_effects(
     detached = [p.detach() for p in params]
     bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
     probe = probe_geometry(geom, 2)
-    sources = _probe_sources(streams, channels or (geom.in_channels,), probe, dtype, device)
     chunk = ChunkIndex.build(0, 2, probe)
-    with forked_rng(device), torch.enable_grad():
+    with forked_rng(device), torch.enable_grad():  # the random rows included: the caller's stream stays
+        sources = _probe_sources(streams, channels or (geom.in_channels,), probe, dtype, device)
         rows = tuple(s.gather(chunk) for s in make_streams(streams, sources, probe, patch_layout=step.patch_layout))
         try:
             untracked = bool(bound(rows).requires_grad)

@@ -168,3 +168,81 @@ def test_output_on_another_device_is_refused(kernel, width, out):
     weight = torch.randn(3, 2, 3, 3) if kernel == "modulated" else None
     with pytest.raises(GeneratorOutputError, match=r"on the device of its input: expected cpu, got meta"):
         chunkconv.dynamic_conv2d(torch.randn(1, 2, 6, 6), gen, out, 3, padding=1, kernel=kernel, weight=weight)
+
+
+# -- 5, 6. budgets at the plan's minimum: gradients in the layout autograd keeps, circular padding --------
+
+
+def _peaks_at_minimum(x, gen, out, k, **kw):
+    """Forward and backward peaks over the plan's smallest feasible budget, first call and repeat."""
+    from chunkconv import MemoryTracker
+
+    minimum = chunkconv.plan(x, copy.deepcopy(gen), out, k, budget=2**40, training=True, **kw).minimum_budget
+    ratios = []
+    for _ in ("first", "repeat"):
+        with MemoryTracker() as fwd:
+            y = chunkconv.dynamic_conv(x, gen, out, k, budget=minimum, **kw)
+        upstream = torch.randn_like(y)
+        with MemoryTracker() as bwd:
+            y.backward(upstream)
+        ratios.append((fwd.peak / minimum, bwd.peak / minimum))
+        del y, upstream
+        for t in (x, kw.get("features"), *gen.parameters()):
+            if t is not None:
+                t.grad = None
+    return ratios
+
+
+def test_a_features_gradient_is_handed_back_in_the_features_layout():
+    features = torch.randn(1, 64, 48, 48, requires_grad=True)
+    ratios = _peaks_at_minimum(torch.randn(1, 1, 48, 48, requires_grad=True), nn.Linear(64, 9), 1, 3, padding=1,
+                               inputs=("features",), features=features)  # fmt: skip
+    assert all(r <= 1 for pair in ratios for r in pair), ratios
+
+
+def test_an_unpadded_channels_last_input_gets_its_gradient_in_its_layout():
+    x = torch.randn(1, 16, 48, 48).to(memory_format=torch.channels_last).requires_grad_()
+    ratios = _peaks_at_minimum(x, nn.Linear(16, 256), 16, 1)
+    assert all(r <= 1 for pair in ratios for r in pair), ratios
+    y = chunkconv.dynamic_conv(x, nn.Linear(16, 256), 16, 1, budget=2**30)
+    y.sum().backward()
+    assert x.grad.stride() == x.stride()
+
+
+def test_circular_padding_backward_stays_within_the_budget():
+    x = torch.randn(1, 16, 64, 64, requires_grad=True)
+    ratios = _peaks_at_minimum(x, nn.Linear(144, 144), 1, 3, padding=1, padding_mode="circular")
+    assert all(r <= 1 for pair in ratios for r in pair), ratios
+
+
+@pytest.mark.parametrize("padding", [(1, 2, 0), (2, 0, 1), (0, 0, 3), "same"])
+def test_circular_padding_gradient_matches_torch(padding):
+    from chunkconv.gather import circular_pad_backward
+    from chunkconv.geometry import conv_spec
+
+    x = torch.randn(2, 3, 4, 5, 6, dtype=F64, requires_grad=True)
+    spec = conv_spec(3, in_channels=3, out_channels=3, kernel_size=(3, 5, 4), padding=padding, padding_mode="circular")
+    geom = spec.geometry(tuple(x.shape))
+    padded = torch.nn.functional.pad(x, geom.torch_pad, mode="circular")
+    upstream = torch.randn_like(padded)
+    (want,) = torch.autograd.grad(padded, x, upstream)
+    torch.testing.assert_close(circular_pad_backward(upstream.clone(), geom), want, rtol=0, atol=1e-12)
+
+
+
+# -- 8. the oracle takes every per-row shape the layer takes --------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_reference_takes_unflattened_modulation_shapes(per_channel):
+    x = torch.randn(2, 3, 6, 5, dtype=F64)
+    weight = torch.randn(4, 3, 3, 3, dtype=F64)
+    lead = (3,) if per_channel else ()
+
+    def gen(p):
+        return torch.sigmoid(p[:, : 9 * (3 if per_channel else 1)]).reshape(p.shape[0], *lead, 3, 3)
+
+    args = dict(kernel="modulated", weight=weight, padding=1)
+    want = chunkconv.dynamic_conv2d(x, gen, 4, 3, chunk_size=7, **args)
+    got = chunkconv.dynamic_conv_reference(x, gen, out_channels=4, kernel_size=3, **args)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
