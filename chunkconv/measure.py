@@ -42,6 +42,7 @@ __all__ = [
     "measure_step_cost",
     "probe_sizes",
     "remember",
+    "time_step",
     "uses_untracked_grads",
 ]
 
@@ -99,7 +100,7 @@ class ChunkCost:
     backward: StepCost | None
     method: str  # how it was measured, shown in the plan
     measured_at: float = 0.0  # time.time() of the (last) measurement
-    # seconds per patch of forward and backward at the largest probe (rough: timed while tracked)
+    # seconds per patch of forward and backward of one untracked chunk of the chosen size (see time_step)
     seconds_per_patch: tuple[float, float | None] | None = None
 
     def describe(self) -> str:
@@ -235,7 +236,6 @@ def measure_step_cost(
     forward_points: list[tuple[int, int]] = []
     backward_points: list[tuple[int, int]] = []
     method = ""
-    timing: list[float | None] = [None, None]
     with forked_rng(device):
         for rows in sizes:
             if limit is not None and len(forward_points) >= 2:
@@ -251,10 +251,8 @@ def measure_step_cost(
                 chunked = make_streams(streams, sources, probe, patch_layout=step.patch_layout)
                 return forward_chunks(chunked, bound(), probe, rows, out_dtype, device)
 
-            started = time.perf_counter()
             with torch.no_grad():
                 peak, method = _measure(device, run_forward)
-            timing = [(time.perf_counter() - started) / rows, None]
             forward_points.append((rows, max(0, peak - out_bytes)))
             if training:
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
@@ -268,10 +266,8 @@ def measure_step_cost(
                     chunked = make_streams(streams, sources, probe, grads, patch_layout=step.patch_layout)
                     return backward_chunks(chunked, bound(), probe, [(0, rows)], grad_y)
 
-                started = time.perf_counter()
                 with torch.enable_grad():
                     peak, _ = _measure(device, run_backward)
-                timing[1] = (time.perf_counter() - started) / rows
                 # the gradient buffers are counted by the plan's fixed costs
                 grad_buffer = sum(t.numel() * dtype.itemsize for t, g in zip(sources, grads) if g)
                 backward_points.append((rows, max(0, peak - grad_buffer)))
@@ -280,8 +276,53 @@ def measure_step_cost(
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
         measured_at=time.time(),
-        seconds_per_patch=(timing[0] or 0.0, timing[1]) if forward_points else None,
     )
+
+
+def time_step(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    *,
+    rows: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    training: bool,
+    streams: Sequence[str] = ("patches",),
+    channels: Sequence[int] | None = None,
+    source_grads: Sequence[bool] | None = None,
+) -> tuple[float, float | None]:
+    """Seconds per patch of one chunk of ``rows`` patches, forward and (when training) backward.
+
+    Timed without the memory tracker (whose CPU form, a profiler, slows every op several times),
+    after the plan chose ``rows``: the chunk the call will run, so that fixed costs per chunk are
+    counted as often as they occur. Costs one chunk's work.
+    """
+    channels = tuple(channels) if channels is not None else (geom.in_channels,)
+    grads = tuple(source_grads) if source_grads is not None else (False,) * len(channels)
+    params, buffers = _stand_ins(step)
+    bound = step.bind(params, buffers) if params or buffers else step.bind(None)
+    probe = probe_geometry(geom, rows)
+
+    def timed(fn: Callable[[], object], grad: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - started) / rows
+
+    with forked_rng(device):
+        sources = _probe_sources(streams, channels, probe, dtype, device)
+        chunked = make_streams(streams, sources, probe, patch_layout=step.patch_layout)
+        forward = timed(lambda: forward_chunks(chunked, bound, probe, rows, out_dtype, device), False)
+        if not training:
+            return forward, None
+        grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
+        graded = make_streams(streams, sources, probe, grads, patch_layout=step.patch_layout)
+        return forward, timed(lambda: backward_chunks(graded, bound, probe, [(0, rows)], grad_y), True)
 
 
 def _probe_sources(
@@ -339,11 +380,7 @@ def generator_effects(
             untracked = bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
             return False, ()
-    changed = tuple(
-        name
-        for name, copy in buffers.items()
-        if name in originals and not _same(copy, originals[name])
-    )
+    changed = tuple(name for name, copy in buffers.items() if name in originals and not _same(copy, originals[name]))
     return untracked, changed
 
 
@@ -490,6 +527,21 @@ class ProbedCosts:
         """``cost`` with a measurement at ``patches`` added (a chunk beyond the largest probe)."""
         extra = self._probe(self.step, (patches,), None)
         return remember(self.cache, self._key, cost.merged(extra))
+
+    def time(self, patches: int) -> tuple[float, float | None]:
+        """Seconds per patch of one untracked chunk of ``patches`` (see :func:`time_step`)."""
+        return time_step(
+            self.step,
+            self.geom,
+            rows=patches,
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
+            device=self.device,
+            training=self.training,
+            streams=self.streams,
+            channels=self.channels,
+            source_grads=self.source_grads,
+        )
 
     def reference(self, limit: int | None) -> ChunkCost | None:
         """The generic step's cost (weights formed), for estimating the unchunked recipe.
