@@ -2,7 +2,14 @@
 
 from ._version import __version__ as __version__
 from .budget import format_bytes, parse_budget
-from .errors import BatchCoupledGeneratorError, BudgetTooSmallError, ChunkConvError, GeneratorOutputError
+from .errors import (
+    BatchCoupledGeneratorError,
+    BudgetTooSmallError,
+    ChunkConvError,
+    GeneratorCallError,
+    GeneratorOutputError,
+    UnsupportedError,
+)
 from .functional import dynamic_conv, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d, plan
 from .memory import MemoryTracker
 from .modules import DynamicConv, DynamicConv1d, DynamicConv2d, DynamicConv3d
@@ -18,9 +25,11 @@ __all__ = [
     "DynamicConv1d",
     "DynamicConv2d",
     "DynamicConv3d",
+    "GeneratorCallError",
     "GeneratorOutputError",
     "MemoryTracker",
     "Plan",
+    "UnsupportedError",
     "dynamic_conv",
     "dynamic_conv1d",
     "dynamic_conv2d",

@@ -6,7 +6,9 @@ __all__ = [
     "BatchCoupledGeneratorError",
     "BudgetTooSmallError",
     "ChunkConvError",
+    "GeneratorCallError",
     "GeneratorOutputError",
+    "UnsupportedError",
 ]
 
 
@@ -33,3 +35,11 @@ class BudgetTooSmallError(ChunkConvError, ValueError):
         super().__init__(message)
         self.budget = budget
         self.minimum = minimum
+
+
+class GeneratorCallError(ChunkConvError, RuntimeError):
+    """The user's generator raised; the message says with which inputs, the original is chained."""
+
+
+class UnsupportedError(ChunkConvError, NotImplementedError):
+    """A transform chunkconv does not support (``torch.func``, forward-mode AD)."""

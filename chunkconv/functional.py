@@ -18,7 +18,7 @@ from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
-from .checks import check_input_type, module_effects_error, needs_effects_probe
+from .checks import check_input_type, check_transforms, input_kinds, module_effects_error, needs_effects_probe
 from .execute import ChunkStep, add_bias, forward_chunks
 from .fast_execute import build_step
 from .fastpath import PathChoice, choose_path
@@ -34,7 +34,7 @@ from .measure import (
     uses_untracked_grads,
 )
 from .planner import Plan, PlanRequest, make_plan
-from .progress import progress_bar, wants_progress
+from .progress import get_progress, progress_bar, wants_progress
 
 __all__ = [
     "apply_spec",
@@ -72,7 +72,10 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
     mode = (call.training, call.source_grads)
-    plan_key = ("plan", key, mode, step_key, geom, budget_spec if chunk_size is None else None, chunk_size, estimate)
+    # "auto" progress decides from the time estimate: then time a chunk even for a call
+    timed = (options.progress if options.progress is not None else get_progress()) == "auto"
+    budget_key = budget_spec if chunk_size is None else None
+    plan_key = ("plan", key, mode, step_key, geom, budget_key, chunk_size, estimate, timed, call.unbatched)
     if plan_key in cache:
         return cache[plan_key]
     module = generator if isinstance(generator, nn.Module) else None
@@ -93,6 +96,8 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         chunk_size=chunk_size,
         param_bytes=sum(p.numel() * max(4, p.element_size()) for p in tracked),
         estimate=estimate,
+        timed=timed,
+        unbatched=call.unbatched,
         sources=tuple(zip(sourced, call.channels, call.source_grads)),
         kernel=call.form.name,
         generated=call.form.weight_entries(),
@@ -221,6 +226,7 @@ def apply_spec(
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
     check_input_type(input, op)
     side = _side(features, guide)
+    check_transforms((input, *side.values(), bias, weight), op)
     for name, tensor in side.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"Invalid type for `{name}` of {op}; expected a Tensor, got {type(tensor).__name__}.")
@@ -385,7 +391,7 @@ def _functional(ndim: int | None, op: str):
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
         options = CallOptions(
-            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, input_kinds(inputs), progress
         )
         return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
 
@@ -469,7 +475,7 @@ def plan(
         generator,
         spec,
         bias,
-        CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs)),
+        CallOptions(budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, input_kinds(inputs)),
         training=training,
         dtype=dtype,
         device=device,

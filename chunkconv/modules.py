@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .call import Budget, CallOptions
-from .checks import check_generator_callable
+from .checks import check_generator_callable, input_kinds
 from .forms import check_form
 from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
@@ -132,7 +132,7 @@ class DynamicConv(nn.Module):
         self.generator = generator
         # checked now, not at the first forward; kept as attributes (they may change between calls)
         options = CallOptions(
-            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, tuple(inputs), progress
+            budget, chunk_size, allow_batch_coupled, path, kernel, kernel_groups, input_kinds(inputs), progress
         )
         self.budget, self.chunk_size, self.progress = options.budget, options.chunk_size, options.progress
         self.allow_batch_coupled, self.path = options.allow_batch_coupled, options.path
