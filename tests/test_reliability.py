@@ -229,7 +229,6 @@ def test_circular_padding_gradient_matches_torch(padding):
     torch.testing.assert_close(circular_pad_backward(upstream.clone(), geom), want, rtol=0, atol=1e-12)
 
 
-
 # -- 8. the oracle takes every per-row shape the layer takes --------------------------------
 
 
@@ -246,3 +245,177 @@ def test_reference_takes_unflattened_modulation_shapes(per_channel):
     want = chunkconv.dynamic_conv2d(x, gen, 4, 3, chunk_size=7, **args)
     got = chunkconv.dynamic_conv_reference(x, gen, out_channels=4, kernel_size=3, **args)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# -- 9. the plan's time estimate ------------------------------------------------------------------
+
+
+class _Slow(nn.Module):
+    """A generator whose time is per call, not per row: estimates from another chunk size are off."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(P, 3 * P)
+
+    def forward(self, p):
+        import time
+
+        time.sleep(0.04)
+        return self.lin(p)
+
+
+def test_time_estimate_is_within_2x_of_the_measured_time():
+    import time
+
+    gen = _Slow()
+    x = torch.randn(1, 2, 48, 48, requires_grad=True)  # 2,304 patches in 9 chunks of 256
+    plan = chunkconv.plan(x, gen, 3, 3, padding=1, chunk_size=256)
+    estimate = plan.estimated_seconds
+    assert estimate is not None and estimate[1] is not None
+    started = time.perf_counter()
+    y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=256)
+    forward = time.perf_counter() - started
+    started = time.perf_counter()
+    y.sum().backward()
+    backward = time.perf_counter() - started
+    assert 0.5 <= estimate[0] / forward <= 2, (estimate, forward)
+    assert 0.5 <= estimate[1] / backward <= 2, (estimate, backward)
+
+
+# -- 10-16. clear errors, before any work -------------------------------------------------------
+
+
+def test_a_generator_that_raises_is_named_with_its_inputs():
+    gen = nn.Linear(32, 9)  # expects 32 features; the patches have 16
+    with pytest.raises(chunkconv.GeneratorCallError, match=r"raised RuntimeError .* the patches \(2, 16\)") as info:
+        chunkconv.dynamic_conv2d(torch.randn(1, 16, 5, 5), gen, 1, 1)
+    assert isinstance(info.value.__cause__, RuntimeError) and "mat1 and mat2" in str(info.value.__cause__)
+
+
+def test_a_generator_writing_into_its_input_is_refused_before_backward():
+    lin = nn.Linear(P, 3 * P).to(F64)
+
+    def gen(p):
+        p.mul_(2)
+        return lin(p)
+
+    x = _x()
+    with pytest.raises(GeneratorOutputError, match=r"modified its input 0 in place"):
+        chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=5)
+    with torch.inference_mode():  # inference tensors keep no version counter: still runs
+        chunkconv.dynamic_conv2d(torch.randn(1, 2, 6, 6, dtype=F64), lambda p: lin(p * 2), 3, 3, padding=1)
+
+
+def test_inputs_as_a_bare_string_is_one_input():
+    feats = torch.randn(1, 4, 6, 6)
+    conv = chunkconv.DynamicConv2d(nn.Linear(4, 9), 1, 1, 3, padding=1, inputs="features")
+    assert conv.inputs == ("features",)
+    assert conv(torch.randn(1, 1, 6, 6), features=feats).shape == (1, 1, 6, 6)
+    with pytest.raises(
+        TypeError, match=r"^Invalid type for `inputs`; expected a kind or a tuple of kinds .* got NoneType"
+    ):
+        chunkconv.DynamicConv2d(nn.Linear(4, 9), 1, 1, 3, inputs=None)
+
+
+@pytest.mark.parametrize("name, value", [("allow_batch_coupled", "no"), ("progress", 1), ("allow_batch_coupled", 1)])
+def test_bool_options_take_bools_only(name, value):
+    with pytest.raises(ValueError, match=rf"^Invalid value for `{name}`; expected .*True or False, got {name}="):
+        chunkconv.DynamicConv2d(nn.Linear(9, 9), 1, 1, 3, **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_a_bias_of_another_dtype_is_refused(dtype):
+    bias = torch.zeros(3, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"`bias` has dtype {dtype} but the input has dtype torch.float64"):
+        chunkconv.dynamic_conv2d(_x(), _mlp(), 3, 3, bias, padding=1)
+
+
+@pytest.mark.parametrize(
+    "shape, error, match",
+    [
+        ((1, 2, -8, 8), ValueError, r"expected ints >= 0, got \(1, 2, -8, 8\)"),
+        ((1, 2, 2.7, 8), ValueError, r"expected ints >= 0, got \(1, 2, 2.7, 8\)"),
+    ],
+)
+def test_plan_refuses_shapes_that_are_not_sizes(shape, error, match):
+    with pytest.raises(error, match=match):
+        chunkconv.plan(shape, _mlp(), 3, 3, padding=1)
+
+
+def test_plan_refuses_a_string_side_shape_and_a_non_bool_training():
+    gen = nn.Linear(4, 9)
+    with pytest.raises(TypeError, match=r"shape of `features` of plan; expected a tuple of ints, got '1x4x6x6'"):
+        chunkconv.plan((1, 1, 6, 6), gen, 1, 3, padding=1, inputs=("features",), features="1x4x6x6")
+    with pytest.raises(ValueError, match=r"^Invalid value for `training`; expected None, True or False"):
+        chunkconv.plan((1, 1, 6, 6), gen, 1, 3, padding=1, training="yes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_planning_for_cuda_without_cuda_says_so():
+    with pytest.raises(ValueError, match=r"^Invalid device cuda: CUDA is not available here"):
+        chunkconv.plan((1, 2, 6, 6), _mlp(), 3, 3, padding=1, device="cuda")
+
+
+def test_meta_tensors_are_refused_with_what_is_supported():
+    with pytest.raises(ValueError, match=r"^Invalid device meta: .* pass the input's shape to chunkconv.plan"):
+        chunkconv.dynamic_conv2d(torch.randn(1, 2, 6, 6, device="meta"), _mlp().to("meta"), 3, 3, padding=1)
+
+
+def test_torch_func_and_forward_ad_are_refused_clearly():
+    from torch.autograd import forward_ad
+
+    gen = _mlp()
+    x = torch.randn(1, 2, 6, 6, dtype=F64)
+
+    def f(x):
+        return chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1).sum()
+
+    for transform in (lambda: torch.func.grad(f)(x), lambda: torch.func.vmap(f)(x.unsqueeze(0))):
+        with pytest.raises(
+            chunkconv.UnsupportedError, match=r"does not support torch.func transforms .* docs/training.md"
+        ):
+            transform()
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(chunkconv.UnsupportedError, match=r"does not support forward-mode AD"):
+            f(dual)
+
+
+def test_plans_of_empty_and_unbatched_inputs_read_right():
+    gen = nn.Linear(16 * 9, 16 * 16 * 9)
+    empty = str(chunkconv.plan((0, 16, 8, 8), gen, 16, 3, padding=1))
+    assert "chunks   none (empty input: nothing to compute)" in empty, empty
+    unbatched = str(chunkconv.plan((16, 8, 8), gen, 16, 3, padding=1))
+    assert "input    (16, 8, 8) float32 on cpu -> output (16, 8, 8)" in unbatched, unbatched
+    batched = str(chunkconv.plan((1, 16, 8, 8), gen, 16, 3, padding=1))  # not the unbatched plan from the cache
+    assert "input    (1, 16, 8, 8) float32 on cpu -> output (1, 16, 8, 8)" in batched, batched
+
+
+def test_cli_kernel_size_zero_is_refused_without_torchs_warning():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-m", "chunkconv", "plan", "--input", "1x4x8x8", "--kernel-size", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "each kernel size must be >= 1" in done.stderr, done.stderr
+    assert "zero-element" not in done.stderr, done.stderr
+
+
+def test_compiling_with_fullgraph_says_the_graph_break_is_by_design():
+    conv = chunkconv.DynamicConv2d(nn.Linear(18, 27), 2, 3, 3, padding=1)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)chunkconv: a graph break BY DESIGN .*compile without fullgraph=True"):
+        torch.compile(conv, fullgraph=True, backend="eager")(torch.randn(1, 2, 6, 6))
+
+
+# -- 21. getting started ---------------------------------------------------------------------------
+
+
+def test_getting_started_says_how_to_install_the_cpu_build_of_torch():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "getting-started.md").read_text()
+    assert "any build" not in text
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
