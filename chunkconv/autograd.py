@@ -2,8 +2,9 @@
 
 It only wires autograd to the executor. Forward keeps the streamed sources (the input), the bias
 and the generator's parameters (as ``torch.utils.checkpoint`` does, plus the RNG and autocast
-state so that recomputation replays exactly what forward did); backward re-runs every chunk with
-grad enabled. The generator's parameters are explicit inputs of the Function, so
+state so that recomputation replays exactly what forward did, and copies of the generator's
+buffers as forward found them, so that a generator updating them replays from the same values);
+backward re-runs every chunk with grad enabled. The generator's parameters are explicit inputs of the Function, so
 ``torch.autograd.grad``, ``backward(inputs=...)``, hooks and DDP see them as ordinary leaves.
 """
 
@@ -19,7 +20,7 @@ from .binding import buffer_copies
 from .execute import ChunkStep, Executor, add_bias
 from .geometry import ConvGeometry
 from .progress import progress_bar
-from .replay import ReplayState
+from .replay import ReplayState, rng_lock
 from .streams import StreamSpec
 
 __all__ = ["DynamicConvFunction", "ForwardContext"]
@@ -60,12 +61,14 @@ class DynamicConvFunction(torch.autograd.Function):
         sources = tensors[: run.num_sources]
         device = sources[0].device
         ctx.run = run
-        ctx.replay = ReplayState.capture(device)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(*tensors)
-        with progress_bar(run.progress, run.geom.num_patches, "chunkconv forward") as tick:
+        ctx.buffers = buffer_copies(run.step.generator)  # as forward sees them: backward replays from these
+        # one unbroken run of the random stream per call, even with other threads training (see .replay)
+        with rng_lock(), progress_bar(run.progress, run.geom.num_patches, "chunkconv forward") as tick:
+            ctx.replay = ReplayState.capture(device)
             y, ctx.ranges = run.executor.forward(sources, run.chunk_size, progress=tick)
-        ctx.uses_rng = ctx.replay.rng.advanced()
+            ctx.uses_rng = ctx.replay.rng.advanced()
         return add_bias(y, bias)
 
     @staticmethod
@@ -103,7 +106,7 @@ class DynamicConvFunction(torch.autograd.Function):
                     source_needs,
                     ctx.ranges,
                     grad_y,
-                    bound=run.step.bind(stand_ins, buffer_copies(run.step.generator)),
+                    bound=run.step.bind(stand_ins, {name: b.clone() for name, b in ctx.buffers.items()}),
                     splittable=not ctx.uses_rng,
                     progress=tick,
                 )

@@ -21,8 +21,10 @@ from .checks import (
     SideInput,
     batched_shape,
     check_bias,
+    check_bool,
     check_budget_form,
     check_chunk_size,
+    check_device,
     check_generator,
     check_input_dtype,
     check_inputs,
@@ -77,10 +79,8 @@ class CallOptions:
         check_path(self.path)
         check_budget_form(self.budget)
         object.__setattr__(self, "inputs", check_inputs(self.inputs))
-        if self.progress not in (None, True, False):
-            raise ValueError(
-                f"Invalid value for `progress`; expected None, True or False, got progress={self.progress!r}."
-            )
+        check_bool("progress", self.progress, optional=True)  # 1 and "no" are not bools
+        check_bool("allow_batch_coupled", self.allow_batch_coupled)
         if self.kernel not in FORMS:
             raise ValueError(f"Invalid value for `kernel`; expected one of {FORMS}, got kernel={self.kernel!r}.")
 
@@ -140,10 +140,12 @@ def describe_call(
     modulated form's static weight. ``training`` ``None`` means: whether grad mode is on and
     anything needs a gradient.
     """
+    check_device(device)
+    check_bool("training", training, optional=True)
     check_input_dtype(dtype, op)
     batched, unbatched = batched_shape(shape, spec.ndim, spec.in_channels, op)
     geom = spec.geometry(batched)
-    check_bias(bias, device, spec.out_channels)
+    check_bias(bias, device, spec.out_channels, dtype)
     kernel_groups = check_form(options.kernel, options.kernel_groups, spec.in_channels, spec.out_channels, spec.groups)
     check_static_weight(weight, options.kernel, geom.weight_shape, device, dtype)
     side = side or {}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import parse_budget
-from .errors import BatchCoupledGeneratorError, ShardedGeneratorError
+from .errors import BatchCoupledGeneratorError, ShardedGeneratorError, UnsupportedError, UntrackedGradientError
 from .forms import FORM_CLASSES
 from .geometry import ConvGeometry
 from .streams import KINDS
@@ -28,10 +28,17 @@ __all__ = [
     "SideInput",
     "batched_shape",
     "check_bias",
+    "check_bool",
+    "check_device",
+    "check_shape",
+    "check_transforms",
+    "input_kinds",
     "check_budget_form",
     "check_chunk_size",
     "check_generator",
     "check_generator_callable",
+    "module_effects_error",
+    "needs_effects_probe",
     "check_input_dtype",
     "check_input_type",
     "check_inputs",
@@ -93,6 +100,78 @@ def check_budget_form(budget: object) -> None:
     ):
         return  # a fraction: likewise
     parse_budget(budget, "cpu")  # type: ignore[arg-type]
+
+
+def check_bool(name: str, value: object, *, optional: bool = False) -> None:
+    """Refuse anything but ``True``/``False`` (and ``None`` where ``optional``): ``"no"`` and ``1`` are not bools."""
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    expected = "None, True or False" if optional else "True or False"
+    raise ValueError(f"Invalid value for `{name}`; expected {expected}, got {name}={value!r}.")
+
+
+def input_kinds(inputs: object) -> tuple[str, ...]:
+    """``inputs`` as a tuple, before it is checked: a bare string is one kind (as torch takes an int for a tuple)."""
+    if isinstance(inputs, str):
+        return (inputs,)
+    if not isinstance(inputs, Sequence):
+        raise TypeError(
+            f"Invalid type for `inputs`; expected a kind or a tuple of kinds from {tuple(KINDS)}, "
+            f"got {type(inputs).__name__} (inputs={inputs!r})."
+        )
+    return tuple(inputs)
+
+
+def check_shape(shape: object, what: str) -> tuple[int, ...]:
+    """A shape as a tuple of ints >= 0; floats, negatives, strings and bools refused (not truncated)."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"Invalid type for the shape of {what}; expected a tuple of ints, got {shape!r}.")
+    bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0]
+    if bad:
+        raise ValueError(f"Invalid shape for {what}; expected ints >= 0, got {tuple(shape)!r} ({bad[0]!r}).")
+    return tuple(int(s) for s in shape)
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a device chunkconv cannot run on here, saying what is supported instead."""
+    if device.type == "meta":
+        raise ValueError(
+            "Invalid device meta: chunkconv runs the generator on real data (its planner measures it), and meta "
+            "tensors have none. To see a plan without allocating, pass the input's shape to chunkconv.plan "
+            "(or conv.plan) with device='cpu' or a GPU; a layer built on meta must be moved (.to_empty) first."
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"Invalid device {device}: CUDA is not available here (torch.cuda.is_available() is False). "
+            "Plan for device='cpu', or run where a GPU and a CUDA build of torch are."
+        )
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(
+            f"Invalid device {device}: chunkconv runs on the devices torch's autocast supports (cpu, cuda, and "
+            f"other accelerators torch registers), got device type {device.type!r}."
+        )
+
+
+def check_transforms(tensors: Sequence[object], op: str) -> None:
+    """Refuse torch.func transforms and forward-mode AD, which chunkconv's chunked Function does not support."""
+    from torch.autograd import forward_ad
+
+    why = (
+        "chunkconv's autograd Function runs forward chunk by chunk without a graph and recomputes each chunk "
+        "in backward, so it has neither a vmap rule nor a forward-mode (jvp) derivative"
+    )
+    fix = (
+        "use chunkconv.dynamic_conv_reference (unchunked, plain autograd: every transform works) with the same "
+        "generator and arguments, or ordinary reverse-mode autograd (see docs/training.md)"
+    )
+    if torch._C._are_functorch_transforms_active():
+        raise UnsupportedError(
+            f"{op} does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): {why}; {fix}."
+        )
+    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise UnsupportedError(
+            f"{op} does not support forward-mode AD (dual tensors, torch.autograd.forward_ad): {why}; {fix}."
+        )
 
 
 # -- the generator -----------------------------------------------------------------------------
@@ -176,6 +255,76 @@ def check_generator(
     return dict(generator.named_parameters())
 
 
+def needs_effects_probe(generator: nn.Module) -> bool:
+    """Whether a module generator must be run once to see what it reads and updates.
+
+    Modules built only from ``torch.nn``'s own layers, without hooks, read nothing but their
+    registered parameters and update no buffer (norms with running statistics in training mode excepted); any
+    other module (the user's own classes, parametrized layers, TorchScript and compiled modules,
+    hooks such as ``spectral_norm``'s) is run once on two rows (see ``module_effects_error``).
+    """
+    for module in generator.modules():
+        if not type(module).__module__.startswith("torch.nn.modules."):
+            return True
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+            return True
+        if module._forward_hooks or module._forward_pre_hooks:
+            return True
+    return False
+
+
+def module_effects_error(
+    generator: nn.Module,
+    untracked: bool,
+    changed: Sequence[str],
+    *,
+    training: bool,
+    allow_batch_coupled: bool,
+    op: str,
+) -> Exception | None:
+    """The error for what a probe run of a module generator showed (see ``measure.generator_effects``).
+
+    ``untracked``: with its parameters replaced by detached stand-ins its output still needed a
+    gradient, so it reads tensors other than its registered parameters; ``changed``: the buffers
+    the run updated. ``None`` when the call can go ahead.
+    """
+    if training and untracked:
+        compiled = sys.modules.get("torch._dynamo.eval_frame")
+        if isinstance(generator, torch.jit.ScriptModule):
+            why = (
+                "it is a TorchScript module (torch.jit.script or torch.jit.trace), whose forward reads its "
+                "parameters inside TorchScript, where chunkconv cannot substitute the stand-ins its backward "
+                "differentiates. Pass the eager module instead (chunkconv calls it chunk by chunk anyway)"
+            )
+        elif compiled is not None and isinstance(generator, getattr(compiled, "OptimizedModule", ())):
+            why = (
+                "it is a torch.compile'd module, whose compiled forward reads the original module's parameters, "
+                "where chunkconv cannot substitute the stand-ins its backward differentiates. Pass the original "
+                "module (generator._orig_mod), and compile the model around the layer instead "
+                "(see docs/training.md)"
+            )
+        else:
+            why = (
+                "it uses tensors that need a gradient but are not its registered parameters, for example layers "
+                "kept in a plain Python list or a tensor it closes over. Register them: nn.ModuleList for layers, "
+                "nn.Parameter (or a submodule) for tensors"
+            )
+        return UntrackedGradientError(
+            f"Invalid `generator` for {op}: with its parameters replaced by detached stand-ins its output still "
+            f"needs a gradient, so chunkconv's backward would give its parameters no gradient: {why}."
+        )
+    if changed and not allow_batch_coupled:
+        names = ", ".join(repr(n) for n in changed)
+        return BatchCoupledGeneratorError(
+            f"The generator updates its state on every call: running it changed its buffers {names} "
+            "(spectral_norm in training mode does this, for example). Each chunk would see other buffers than "
+            "the last, so results would change with the chunk size. Put the generator in eval mode "
+            "(generator.eval()), or pass allow_batch_coupled=True to accept chunk-dependent results (backward "
+            "then recomputes every chunk from the buffers forward started from)."
+        )
+    return None
+
+
 # -- side inputs and the static weight ----------------------------------------------------------
 
 SideInput = Tensor | Sequence[int]  # a tensor, or (for plans) only its shape
@@ -219,7 +368,7 @@ def check_side_inputs(
             continue
         output = kind.grid == "output"
         spatial = geom.out_spatial if output else geom.in_spatial
-        shape = tuple(given.shape) if isinstance(given, Tensor) else tuple(int(s) for s in given)
+        shape = tuple(given.shape) if isinstance(given, Tensor) else check_shape(given, f"`{name}` of {op}")
         lead = () if unbatched else (geom.batch,)
         if len(shape) != len(lead) + 1 + geom.ndim or shape[len(lead) + 1 :] != spatial or shape[: len(lead)] != lead:
             expected = (*lead, name[0].upper(), *spatial)
@@ -282,7 +431,7 @@ def check_input_dtype(dtype: torch.dtype, op: str) -> None:
 
 def batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) -> tuple[tuple[int, ...], bool]:
     """The ``(N, C, *spatial)`` shape of an input and whether it was unbatched."""
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape(shape, f"the input of {op}")
     if len(shape) not in (ndim + 1, ndim + 2):
         raise ValueError(
             f"Expected {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched) input to {op}, got input of shape {shape}."
@@ -297,8 +446,8 @@ def batched_shape(shape: Sequence[int], ndim: int, in_channels: int, op: str) ->
     return ((1, *shape) if unbatched else shape), unbatched
 
 
-def check_bias(bias: object, device: torch.device, out_channels: int) -> None:
-    """Check the bias: a tensor ``(out_channels,)`` on the input's device, or ``None``."""
+def check_bias(bias: object, device: torch.device, out_channels: int, dtype: torch.dtype | None = None) -> None:
+    """Check the bias: a tensor ``(out_channels,)`` on the input's device, of the input's ``dtype``, or ``None``."""
     if bias is None:
         return
     if not isinstance(bias, Tensor):
@@ -310,3 +459,8 @@ def check_bias(bias: object, device: torch.device, out_channels: int) -> None:
         )
     if bias.device != device:
         raise ValueError(f"`bias` is on {bias.device} but the input is on {device}; expected the same device.")
+    if dtype is not None and not autocast_compatible(bias.dtype, dtype, device):
+        raise ValueError(
+            f"`bias` has dtype {bias.dtype} but the input has dtype {dtype}; expected the same dtype, as F.conv*d "
+            "does (convert one with .to(dtype), or run under torch.autocast)."
+        )

@@ -167,6 +167,8 @@ def _spatial_dims(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         ndim = args.ndim if args.ndim is not None else 2
         kernel = (args.kernel_size,) * ndim
         said = f"--ndim {ndim}" if args.ndim is not None else "an int --kernel-size means 2-D unless --ndim says so"
+    if any(k < 1 for k in kernel):  # before any layer is built (torch warns about zero-element weights)
+        parser.error(f"--kernel-size {_x(args.kernel_size)}: each kernel size must be >= 1")
     if len(shape) not in (ndim + 1, ndim + 2):
         names = {1: "L", 2: "HxW", 3: "DxHxW"}[ndim]
         hint = ""

@@ -64,7 +64,7 @@ class ChunkCost:
     backward: StepCost | None
     method: str  # how it was measured, shown in the plan
     measured_at: float = 0.0  # time.time() of the (last) measurement
-    # seconds per patch of forward and backward at the largest probe (rough: timed while tracked)
+    # seconds per patch of forward and backward of one untracked chunk of the chosen size (see measure.time_step)
     seconds_per_patch: tuple[float, float | None] | None = None
 
     def describe(self) -> str:

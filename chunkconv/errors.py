@@ -7,8 +7,10 @@ __all__ = [
     "BudgetTooSmallError",
     "ChunkConvError",
     "FastPathUnavailableError",
+    "GeneratorCallError",
     "GeneratorOutputError",
     "ShardedGeneratorError",
+    "UnsupportedError",
     "UntrackedGradientError",
 ]
 
@@ -38,7 +40,11 @@ class FastPathUnavailableError(ChunkConvError, ValueError):
 
 
 class UntrackedGradientError(ChunkConvError, ValueError):
-    """A plain-callable generator uses tensors needing a gradient that chunkconv cannot see (they would get none)."""
+    """The generator uses tensors needing a gradient that chunkconv cannot see (they would get none).
+
+    A plain callable closing over parameters, or a module that reads tensors other than its registered
+    parameters (TorchScript or compiled modules, layers in a plain list), in training.
+    """
 
 
 class BudgetTooSmallError(ChunkConvError, ValueError):
@@ -48,3 +54,11 @@ class BudgetTooSmallError(ChunkConvError, ValueError):
         super().__init__(message)
         self.budget = budget
         self.minimum = minimum
+
+
+class GeneratorCallError(ChunkConvError, RuntimeError):
+    """The user's generator raised; the message says with which inputs, the original is chained."""
+
+
+class UnsupportedError(ChunkConvError, NotImplementedError):
+    """A transform chunkconv does not support (``torch.func``, forward-mode AD)."""

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .binding import bind_parameters
 from .checks import autocast_compatible
-from .errors import GeneratorOutputError
+from .errors import ChunkConvError, GeneratorCallError, GeneratorOutputError
 from .forms import Full, KernelForm
 from .gather import ChunkIndex, Stream, blockwise
 from .geometry import ConvGeometry
@@ -40,6 +40,7 @@ __all__ = [
     "add_bias",
     "backward_chunks",
     "broadcast_bias",
+    "call_generator",
     "check_output_dtype",
     "forward_chunks",
 ]
@@ -152,7 +153,7 @@ class _BoundGenerator:
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         patches = rows[0]
         given = [rows[i] for i in self.inputs]
-        out = self.generator(*given)
+        out = call_generator(self.generator, given, "The generator", self.inputs)
         check_output_dtype(out, patches, "The generator")
         return self.form.apply(self.form.generated(out, given), patches, self.static, self.layout)
 
@@ -161,13 +162,59 @@ class _BoundGenerator:
         return [next(grads) if p.requires_grad else None for p in self.params]
 
 
-def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
-    """Refuse an output in another dtype than the patches (unless autocast casts both anyway).
+def call_generator(
+    generator: Callable[..., Tensor], given: Sequence[Tensor], what: str, positions: Sequence[int] = (0,)
+) -> Tensor:
+    """``generator(*given)``, saying so when it raises or writes into its inputs.
+
+    ``positions``: which of a chunk's streams each input is (0: the patches), for the message.
 
     Raises:
-        GeneratorOutputError: naming the expected and the returned dtype.
+        GeneratorCallError: the generator raised (out of memory excepted: the executor retries that);
+            the message names the inputs' shapes, the original is chained.
+        GeneratorOutputError: the generator modified an input in place (backward could not replay it).
 
     """
+    versions = [_version(t) for t in given]
+    try:
+        out = generator(*given)
+    except (torch.OutOfMemoryError, ChunkConvError):
+        raise
+    except Exception as error:
+        shapes = ", ".join(
+            f"{'the patches' if i == 0 else f'stream {i}'} {tuple(t.shape)}" for i, t in zip(positions, given)
+        )
+        raise GeneratorCallError(
+            f"{what} raised {type(error).__name__} when chunkconv called it on {given[0].shape[0] if given else 0} "
+            f"rows, with {len(given)} input(s): {shapes} (one row per output location; the patches' features in "
+            f"F.unfold order, in_channels * prod(kernel_size)). Its error: {error}"
+        ) from error
+    changed = [i for i, (t, v) in enumerate(zip(given, versions)) if _version(t) != v]
+    if changed:
+        raise GeneratorOutputError(
+            f"{what} modified its input {changed[0]} in place (an in-place op such as p.mul_(2) on the rows "
+            "chunkconv passed it): the rows are a view chunkconv reuses, and backward could not recompute the "
+            "chunk. Use out-of-place ops (p = p * 2) on the generator's inputs."
+        )
+    return out
+
+
+def _version(t: Tensor) -> int | None:
+    return None if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def check_output_dtype(out: object, patches: Tensor, what: str) -> None:
+    """Refuse an output on another device or in another dtype than the patches (unless autocast casts both anyway).
+
+    Raises:
+        GeneratorOutputError: naming the expected and the returned device or dtype.
+
+    """
+    if isinstance(out, Tensor) and out.device != patches.device:
+        raise GeneratorOutputError(
+            f"{what} must return its output on the device of its input: expected {patches.device}, "
+            f"got {out.device}. Move the generator (and whatever it creates tensors with) to {patches.device}."
+        )
     if not isinstance(out, Tensor) or autocast_compatible(out.dtype, patches.dtype, patches.device):
         return
     raise GeneratorOutputError(

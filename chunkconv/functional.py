@@ -18,7 +18,7 @@ from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
-from .checks import check_input_type
+from .checks import check_input_type, check_transforms, input_kinds, module_effects_error, needs_effects_probe
 from .costs import PathChoice
 from .errors import UntrackedGradientError
 from .execute import ChunkStep, Executor, add_bias
@@ -28,16 +28,18 @@ from .geometry import ConvSpec, conv_spec_for_input
 from .measure import (
     MEASURED,
     CallKey,
+    EffectsKey,
     PlanKey,
     ProbedCosts,
     StepKey,
     generator_cache,
+    generator_effects,
     generator_state,
     remember,
     uses_untracked_grads,
 )
 from .planner import Plan, PlanRequest, make_plan
-from .progress import progress_bar, wants_progress
+from .progress import get_progress, progress_bar, wants_progress
 from .streams import stream_sources
 
 __all__ = [
@@ -75,6 +77,8 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
     step_key = StepKey(type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
     budget_spec = repr(options.budget)
+    # "auto" progress decides from the time estimate: then time a chunk even for a call
+    timed = (options.progress if options.progress is not None else get_progress()) == "auto"
     grads = tuple(s.requires_grad for s in call.streams)
     plan_key = PlanKey(
         call=key,
@@ -85,6 +89,8 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         budget=budget_spec if chunk_size is None else None,
         chunk_size=chunk_size,
         estimate=estimate,
+        timed=timed,
+        unbatched=call.unbatched,
     )
     if plan_key in cache:
         return cache[plan_key]
@@ -106,6 +112,8 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         param_bytes=sum(p.numel() * max(4, p.element_size()) for p in tracked),
         estimate=estimate,
         streams=call.streams,
+        timed=timed,
+        unbatched=call.unbatched,
         kernel=call.form.name,
         generated=call.form.weight_entries(),
         inputs=call.options.inputs,
@@ -155,6 +163,8 @@ def _prepare(call: Call, generator: Generator, weight: Tensor | None, *, estimat
     )
     if call.training and not isinstance(generator, nn.Module):
         _check_tracked_grads(call, step)
+    elif isinstance(generator, nn.Module) and needs_effects_probe(generator):
+        _check_module_effects(call, generator, step)
     return step, _plan(call, generator, step, choice, estimate=estimate)
 
 
@@ -162,7 +172,7 @@ def _check_tracked_grads(call: Call, step: ChunkStep) -> None:
     """Refuse a plain callable that uses tensors needing grad (it can own no parameters).
 
     Its captures are invisible, so it is checked on every training call (one run on two rows);
-    a module's parameters are tracked, and its forward is not run more often than it must be.
+    a module is checked by :func:`_check_module_effects`, once per state.
     """
     untracked = uses_untracked_grads(step, call.geom, call.dtype, call.device, call.streams)
     if untracked:
@@ -173,6 +183,46 @@ def _check_tracked_grads(call: Call, step: ChunkStep) -> None:
             "no gradient. Make them the generator's parameters: pass the module itself as the generator, or "
             "wrap the function in an nn.Module that owns them."
         )
+
+
+def _check_module_effects(call: Call, generator: nn.Module, step: ChunkStep) -> None:
+    """Refuse a module whose output needs gradients its parameters cannot carry (TorchScript, compiled,
+    layers in a plain list) or whose forward updates its buffers (spectral_norm in training mode).
+
+    One run on two rows, once per generator state and call configuration (the result is cached).
+    """
+    geom = call.geom
+    key = EffectsKey(
+        in_channels=geom.in_channels,
+        out_channels=geom.out_channels,
+        kernel_size=geom.kernel_size,
+        dilation=geom.dilation,
+        groups=geom.groups,
+        dtype=call.dtype,
+        device=call.device,
+        generator_state=generator_state(generator),
+        kernel=call.form.name,
+        inputs=call.options.inputs,
+        channels=tuple(s.channels for s in call.streams),
+        step=type(step).__name__,
+        training=call.training,
+        allow_batch_coupled=call.options.allow_batch_coupled,
+    )
+    cache = generator_cache(generator)
+    if key in cache:
+        return
+    untracked, changed = generator_effects(step, geom, call.dtype, call.device, call.streams)
+    error = module_effects_error(
+        generator,
+        untracked,
+        changed,
+        training=call.training,
+        allow_batch_coupled=call.options.allow_batch_coupled,
+        op=call.op,
+    )
+    if error is not None:
+        raise error
+    remember(cache, key, True)
 
 
 def _side(features: object, guide: object) -> dict:
@@ -195,6 +245,7 @@ def apply_spec(
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
     check_input_type(input, op)
     side = _side(features, guide)
+    check_transforms((input, *side.values(), bias, weight), op)
     for name, tensor in side.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"Invalid type for `{name}` of {op}; expected a Tensor, got {type(tensor).__name__}.")
@@ -365,7 +416,7 @@ def _functional(ndim: int | None, op: str) -> Callable[..., Tensor]:
             path=path,
             kernel=kernel,
             kernel_groups=kernel_groups,
-            inputs=tuple(inputs),
+            inputs=input_kinds(inputs),
             progress=progress,
         )
         return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
@@ -457,7 +508,7 @@ def plan(
             path=path,
             kernel=kernel,
             kernel_groups=kernel_groups,
-            inputs=tuple(inputs),
+            inputs=input_kinds(inputs),
         ),
         training=training,
         dtype=dtype,

@@ -48,6 +48,7 @@ __all__ = [
     "position_axes",
     "position_frame",
     "blockwise",
+    "circular_pad_backward",
     "gather_patch_columns",
     "gather_patches",
     "is_column_major",
@@ -66,6 +67,24 @@ def pad_input(x: Tensor, geom: ConvGeometry) -> Tensor:
 
 
 Block = tuple[int | slice, ...]
+
+
+def circular_pad_backward(grad_pad: Tensor, geom: ConvGeometry) -> Tensor:
+    """The gradient of the unpadded input from that of its circular padding, folded in place.
+
+    Each wrapped border is added onto the input elements it copies, one dimension after
+    another (as ``F.pad`` pads them); the result is a view of ``grad_pad``: nothing is allocated.
+    """
+    g = grad_pad
+    for d, (left, right) in enumerate(geom.pads):
+        axis, n = 2 + d, geom.in_spatial[d]
+        inner = g.narrow(axis, left, n)
+        if left:
+            inner.narrow(axis, n - left, left).add_(g.narrow(axis, 0, left))
+        if right:
+            inner.narrow(axis, 0, right).add_(g.narrow(axis, left + n, right))
+        g = inner
+    return g
 
 
 def range_blocks(start: int, end: int, sizes: Sequence[int]) -> list[Block]:
@@ -329,7 +348,9 @@ class PatchStream:
             self._leaf = x.detach().requires_grad_()
             self._padded = pad_input(self._leaf, geom)
             self.source = self._padded.detach()
-            self._grad_pad: Tensor | None = torch.zeros(self.source.shape, dtype=x.dtype, device=x.device)
+            # in the source's layout: unpadded, the buffer is the gradient handed back, and autograd keeps
+            # one in the input's layout as it is (another layout it would copy, a buffer no plan counts)
+            self._grad_pad: Tensor | None = torch.zeros_like(self.source, memory_format=torch.preserve_format)
         else:
             self.source = pad_input(x.detach(), geom)
             self._grad_pad = None
@@ -352,6 +373,8 @@ class PatchStream:
             return None
         if self._padded is self._leaf:
             return self._grad_pad
+        if self.geom.padding_mode == "circular":  # F.pad's circular backward allocates ~3x the input
+            return circular_pad_backward(self._grad_pad, self.geom)
         return torch.autograd.grad(self._padded, self._leaf, self._grad_pad)[0]
 
 
@@ -366,8 +389,10 @@ class FeatureStream:
         self.requires_grad = input_grad
         self.source = features.detach().movedim(1, -1)  # (N, *out, F), a view
         self.width = features.shape[1]
+        # written through the same (N, *out, F) view of an (N, F, *out) buffer in the features' own layout,
+        # which autograd keeps as it is (a gradient in another layout it would copy, a buffer no plan counts)
         self._grad = (
-            torch.zeros(self.source.shape, dtype=features.dtype, device=features.device) if input_grad else None
+            torch.zeros_like(features, memory_format=torch.preserve_format).movedim(1, -1) if input_grad else None
         )
 
     def gather(self, chunk: ChunkIndex) -> Tensor:

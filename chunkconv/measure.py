@@ -39,16 +39,19 @@ __all__ = [
     "CallKey",
     "ChunkCost",
     "CostKey",
+    "EffectsKey",
     "PlanKey",
     "ProbedCosts",
     "StepCost",
     "StepKey",
     "generator_cache",
+    "generator_effects",
     "generator_state",
     "measure_step_cost",
     "probe_sizes",
     "probe_sources",
     "remember",
+    "time_step",
     "uses_untracked_grads",
 ]
 
@@ -173,7 +176,6 @@ def measure_step_cost(
     forward_points: list[tuple[int, int]] = []
     backward_points: list[tuple[int, int]] = []
     method = ""
-    timing: list[float | None] = [None, None]
     with forked_rng(device):
         for rows in sizes:
             if limit is not None and len(forward_points) >= 2:
@@ -189,10 +191,8 @@ def measure_step_cost(
             def run_forward(sources: list[Tensor] = sources, run: Executor = run, rows: int = rows) -> object:
                 return run.forward(sources, rows, bound=bound())
 
-            started = time.perf_counter()
             with torch.no_grad():
                 peak, method = _measure(device, run_forward)
-            timing = [(time.perf_counter() - started) / rows, None]
             forward_points.append((rows, max(0, peak - out_bytes)))
             if training:
                 grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
@@ -202,10 +202,8 @@ def measure_step_cost(
                 ) -> object:
                     return run.backward(sources, grads, [(0, rows)], grad_y, bound=bound())
 
-                started = time.perf_counter()
                 with torch.enable_grad():
                     peak, _ = _measure(device, run_backward)
-                timing[1] = (time.perf_counter() - started) / rows
                 # the gradient buffers are counted by the plan's fixed costs
                 grad_buffer = sum(t.numel() * dtype.itemsize for t, g in zip(sources, grads) if g)
                 backward_points.append((rows, max(0, peak - grad_buffer)))
@@ -214,8 +212,50 @@ def measure_step_cost(
         backward=StepCost(tuple(backward_points)) if training else None,
         method=method,
         measured_at=time.time(),
-        seconds_per_patch=(timing[0] or 0.0, timing[1]) if forward_points else None,
     )
+
+
+def time_step(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    *,
+    rows: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    training: bool,
+    streams: tuple[StreamSpec, ...] = (),
+) -> tuple[float, float | None]:
+    """Seconds per patch of one chunk of ``rows`` patches, forward and (when training) backward.
+
+    Timed without the memory tracker (whose CPU form, a profiler, slows every op several times),
+    after the plan chose ``rows``: the chunk the call will run, so that fixed costs per chunk are
+    counted as often as they occur. Costs one chunk's work. ``streams`` as for
+    :func:`measure_step_cost`.
+    """
+    probe = probe_geometry(geom, rows)
+    run = Executor(step, probe, streams or default_streams(geom), out_dtype)
+    grads = [s.requires_grad for s in run.specs for _ in range(s.arity)]
+    params, buffers = _stand_ins(step)
+    bound = step.bind(params, buffers) if params or buffers else step.bind(None)
+
+    def timed(fn: Callable[[], object], grad: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - started) / rows
+
+    with forked_rng(device):
+        sources = probe_sources(run.specs, probe, dtype, device)
+        forward = timed(lambda: run.forward(sources, rows, bound=bound), False)
+        if not training:
+            return forward, None
+        grad_y = torch.randn((1, geom.out_channels, *probe.out_spatial), dtype=out_dtype, device=device)
+        return forward, timed(lambda: run.backward(sources, grads, [(0, rows)], grad_y, bound=bound), True)
 
 
 def probe_sources(
@@ -238,19 +278,46 @@ def uses_untracked_grads(
     function closes over, say): forward runs without a graph, so they would silently get no
     gradient. Runs the step once on two random rows, with the parameters detached.
     """
+    return generator_effects(step, geom, dtype, device, streams)[0]
+
+
+def generator_effects(
+    step: ChunkStep,
+    geom: ConvGeometry,
+    dtype: torch.dtype,
+    device: torch.device,
+    streams: tuple[StreamSpec, ...] = (),
+) -> tuple[bool, tuple[str, ...]]:
+    """What one run of the step on two random rows shows: ``(untracked, changed)``.
+
+    ``untracked``: its output needs a gradient although neither its rows nor its parameters (detached
+    stand-ins) do (see :func:`uses_untracked_grads`); ``changed``: the names of the generator's
+    buffers that the run updated (on copies), i.e. its forward has state that changes per call.
+    """
     params, buffers = _stand_ins(step)
+    originals = dict(step.generator.named_buffers()) if isinstance(step.generator, nn.Module) else {}
     detached = [p.detach() for p in params]
     bound = step.bind(detached, buffers) if detached or buffers else step.bind(None)
     probe = probe_geometry(geom, 2)
     executor = Executor(step, probe, streams or default_streams(geom))
-    sources = probe_sources(executor.specs, probe, dtype, device)
     chunk = ChunkIndex.build(0, 2, probe)
-    with forked_rng(device), torch.enable_grad():
+    with forked_rng(device), torch.enable_grad():  # the random rows included: the caller's stream stays
+        sources = probe_sources(executor.specs, probe, dtype, device)
         rows = tuple(s.gather(chunk) for s in executor.open(sources))
         try:
-            return bool(bound(rows).requires_grad)
+            untracked = bool(bound(rows).requires_grad)
         except GeneratorOutputError:  # reported by the call itself, with its own chunk's shapes
-            return False
+            return False, ()
+    changed = tuple(name for name, copy in buffers.items() if name in originals and not _same(copy, originals[name]))
+    return untracked, changed
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+    return torch.equal(a, b)
 
 
 # -- caches ------------------------------------------------------------------------------------
@@ -319,9 +386,33 @@ class PlanKey:
     budget: str | None  # as the user wrote it; None when chunk_size is given
     chunk_size: int | None
     estimate: bool
+    timed: bool = False  # a chunk timed for the time estimate (see time_step)
+    unbatched: bool = False  # printed shapes without the batch dim
 
 
-CacheKey = CostKey | PlanKey
+@dataclass(frozen=True)
+class EffectsKey:
+    """A module generator's checked probe run (see :func:`generator_effects`): once per generator state and
+    configuration of the probe (not per stride, autocast state or output dtype, which it does not depend on).
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    dtype: torch.dtype
+    device: torch.device
+    generator_state: tuple
+    kernel: str
+    inputs: tuple[str, ...]
+    channels: tuple[int, ...]  # each stream's
+    step: str
+    training: bool
+    allow_batch_coupled: bool
+
+
+CacheKey = CostKey | PlanKey | EffectsKey
 
 _CACHE_LIMIT = 64
 _by_generator: weakref.WeakKeyDictionary[Any, dict[CacheKey, Any]] = weakref.WeakKeyDictionary()
@@ -456,6 +547,19 @@ class ProbedCosts:
         """``cost`` with a measurement at ``patches`` added (a chunk beyond the largest probe)."""
         extra = self._probe(self.step, (patches,), None)
         return remember(self.cache, self._key, cost.merged(extra))
+
+    def time(self, patches: int) -> tuple[float, float | None]:
+        """Seconds per patch of one untracked chunk of ``patches`` (see :func:`time_step`)."""
+        return time_step(
+            self.step,
+            self.geom,
+            rows=patches,
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
+            device=self.device,
+            training=self.training,
+            streams=self.streams,
+        )
 
     def reference(self, limit: int | None) -> ChunkCost | None:
         """The generic step's cost (weights formed), for estimating the unchunked recipe.

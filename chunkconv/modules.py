@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .call import Budget, CallOptions
-from .checks import check_generator_callable
+from .checks import check_generator_callable, input_kinds
 from .forms import FORM_CLASSES, check_form
 from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
@@ -141,7 +141,7 @@ class DynamicConv(nn.Module):
             path=path,
             kernel=kernel,
             kernel_groups=kernel_groups,
-            inputs=tuple(inputs),
+            inputs=input_kinds(inputs),
             progress=progress,
         )
         # the kernel form and what the generator receives are fixed at construction (they decide

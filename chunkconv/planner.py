@@ -120,10 +120,13 @@ class Plan:
     kernel: str = "full"
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
+    unbatched: bool = False  # the input had no batch dim (and the output has none): printed so
 
     @property
     def estimated_seconds(self) -> tuple[float, float | None] | None:
-        """Rough seconds of forward and of backward, from the largest probe's timing (``None`` if not measured)."""
+        """Rough seconds of forward and of backward: one chunk of the chosen size, timed without the memory
+        tracker, scaled to every patch (``None`` if not timed: only plans asked for, and "auto" progress, time).
+        """
         timing = self.cost.seconds_per_patch if self.cost is not None else None
         if timing is None:
             return None
@@ -146,13 +149,19 @@ class Plan:
         g = self.geometry
         b = format_bytes
         mode = "training (forward, then backward recomputes each chunk)" if self.training else "inference"
+        lead = () if self.unbatched else (g.batch,)
+        shape_in, shape_out = (*lead, g.in_channels, *g.in_spatial), (*lead, g.out_channels, *g.out_spatial)
+        chunks = (
+            f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})"
+            if self.num_chunks
+            else f"  chunks   none ({self.reason}: nothing to compute)"
+        )
         lines = [
             f"chunkconv plan: {mode}",
-            f"  input    ({g.batch}, {g.in_channels}, {', '.join(map(str, g.in_spatial))}) {str(self.dtype)[6:]}"
-            f" on {self.device} -> output ({g.batch}, {g.out_channels}, {', '.join(map(str, g.out_spatial))})",
+            f"  input    {shape_in} {str(self.dtype)[6:]} on {self.device} -> output {shape_out}",
             f"  patches  {g.num_patches:,} (N={g.batch} x L={g.locations_per_image:,}), {g.patch_size} features,"
             f" {self._kernel_text()}",
-            f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})",
+            chunks,
         ]
         if self.path is not None:
             lines.append(f"  path     {self.path}")
@@ -189,7 +198,7 @@ class Plan:
             if seconds[1] is not None:
                 text += f", backward ~{_seconds(seconds[1])}"
             lines.append(
-                f"  time     {text} (rough, on the high side: the largest probe, timed while its memory was measured)"
+                f"  time     {text} (rough: one chunk of this size, timed without the memory tracker, times the chunks)"
             )
         if self.minimum_budget is not None:
             lines.append(f"  smallest feasible budget {b(self.minimum_budget)} (1 patch per chunk)")
@@ -218,6 +227,8 @@ class PlanRequest:
             input's patches alone, with ``input_grad``.
         patch_layout: the layout the step reads the patches in (``"columns"``: chunks of whole
             output rows where that costs few chunks, so that most chunks are one block each).
+        timed: time one chunk of the chosen size (for the time estimate) even without ``estimate``.
+        unbatched: the input has no batch dim (the plan prints its shapes so).
 
     """
 
@@ -238,6 +249,8 @@ class PlanRequest:
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
     patch_layout: str = "rows"
+    timed: bool = False
+    unbatched: bool = False
 
     def streamed(self) -> tuple[StreamSpec, ...]:
         """The streams (see ``streams``)."""
@@ -407,6 +420,16 @@ def _choose_verified(
     return size, reason, model
 
 
+def _timed(plan: Plan, costs: CostSource, size: int, request: PlanRequest) -> Plan:
+    """``plan`` with its cost's seconds per patch, from one untracked chunk of ``size`` (where asked for
+    and the cost source can time; a source that cannot leaves the plan without a time estimate).
+    """
+    timer = getattr(costs, "time", None)
+    if plan.cost is None or timer is None or not (request.estimate or request.timed):
+        return replace(plan, cost=plan.cost and replace(plan.cost, seconds_per_patch=None))
+    return replace(plan, cost=replace(plan.cost, seconds_per_patch=timer(size)))
+
+
 def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     """Plan one call: the largest chunk whose estimated peak fits the budget.
 
@@ -430,6 +453,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         kernel=request.kernel,
         generated=request.generated,
         inputs=request.inputs,
+        unbatched=request.unbatched,
     )
     if request.chunk_size is not None and not request.estimate:
         return replace(base, reason="chunk_size given")
@@ -454,6 +478,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
     )
     if request.chunk_size is not None:
         forward, backward = model.peaks(min(request.chunk_size, total))
+        base = _timed(base, costs, min(request.chunk_size, total), request)
         return replace(base, forward_peak=forward, backward_peak=backward, reason="chunk_size given")
 
     # 3. the choice
@@ -466,6 +491,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
 
     # 4. the plan
     forward, backward = model.peaks(size)
+    base = _timed(replace(base, cost=model.cost), costs, size, request)
     return replace(
         base,
         chunk_size=size,
@@ -473,5 +499,4 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         forward_peak=forward,
         backward_peak=backward,
         reason=reason,
-        cost=model.cost,
     )

@@ -5,7 +5,8 @@ A call shows progress when its layer says so (``DynamicConv(..., progress=True)`
 when the process-wide setting does: :func:`set_progress` (``False`` by default; ``True``; or
 ``"auto"``, which shows it only for calls whose plan estimates at least
 :data:`AUTO_SECONDS` seconds). The bar is tqdm's when tqdm is installed
-(``pip install "chunkconv[progress]"``), else a line on stderr about once a second.
+(``pip install "chunkconv[progress]"``), else a line on stderr about once a second; where stderr is
+not a terminal (a log file, a pipe) it is whole lines instead, one per tenth of the chunks.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def progress_bar(show: bool, total: int, description: str) -> Iterator[Callable[
     if not show or total <= 0:
         yield None
         return
+    if not _is_terminal(sys.stderr):  # a log: whole lines (a bar's carriage returns would run together)
+        yield _line_per_step(total, description)
+        return
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -83,3 +87,29 @@ def progress_bar(show: bool, total: int, description: str) -> Iterator[Callable[
             )
 
     yield tick
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def _line_per_step(total: int, description: str) -> Callable[[int], None]:
+    """A callback printing one whole line on stderr per tenth of the work (and at the end)."""
+    start, done, shown = time.monotonic(), [0], [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        step = 10 * done[0] // total
+        if step > shown[0] or done[0] >= total:
+            shown[0] = step
+            print(
+                f"{description}: {100 * done[0] / total:5.1f}% of {total:,} patches, {time.monotonic() - start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return tick

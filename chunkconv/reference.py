@@ -146,7 +146,7 @@ def _contract(
             raise ValueError(f"Invalid value for `method`; expected 'forum' or 'einsum', got {method=}.")
     elif kernel == "modulated":
         assert weight is not None, "kernel='modulated' needs `weight`"
-        scale = out_rows.reshape(rows, out_rows.shape[1] // taps, taps)  # (rows, 1 or C, K)
+        scale = out_rows.reshape(rows, out_rows[0].numel() // taps if rows else 1, taps)  # (rows, 1 or C, K)
         w = weight.reshape(groups_, geom.out_channels // groups_, c // groups_, taps)  # (G, Og, Cg, K)
         s = scale.expand(rows, c, taps).reshape(rows, groups_, 1, c // groups_, taps)
         per_location = w.unsqueeze(0) * s  # (rows, G, Og, Cg, K): every location's whole weight

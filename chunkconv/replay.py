@@ -6,21 +6,37 @@ stream of one device (CPU, plus the CUDA device when the call runs there); the e
 it to retry a chunk that ran out of memory, the planner forks it so probing draws nothing from the
 user's stream. :class:`ReplayState` adds the autocast state and runs a function under both, for
 backward's recomputation.
+
+The random stream is the process's, shared by every thread; a training call draws from it in
+forward and restores it to replay those draws in backward. So that two threads training at once
+each replay their own draws, everything chunkconv does with the stream (a training call's forward,
+backward's replay, the planner's forked probes) runs under one re-entrant lock, :func:`rng_lock`:
+such calls take turns, and each draws one unbroken run of the stream, as it would serially.
+(Random numbers drawn by other code in another thread meanwhile still interleave; see
+``docs/training.md``.)
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["ReplayState", "RngState", "forked_rng"]
+__all__ = ["ReplayState", "RngState", "forked_rng", "rng_lock"]
 
 _T = TypeVar("_T")
+
+_RNG_LOCK = threading.RLock()
+
+
+def rng_lock() -> threading.RLock:
+    """The lock under which chunkconv draws from, restores or forks the random stream (re-entrant)."""
+    return _RNG_LOCK
 
 
 @dataclass(frozen=True)
@@ -50,10 +66,15 @@ class RngState:
         return not torch.equal(torch.get_rng_state(), self.cpu)
 
 
-def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    """A block whose random draws leave the caller's stream (CPU, and ``device``'s) as it was."""
+@contextlib.contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """A block whose random draws leave the caller's stream (CPU, and ``device``'s) as it was.
+
+    Held under :func:`rng_lock`: restoring the stream on exit must not cut into another thread's draws.
+    """
     devices = [device] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices, device_type="cuda")
+    with _RNG_LOCK, torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
 
 
 @dataclass(frozen=True)

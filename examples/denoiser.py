@@ -36,7 +36,7 @@ so there is nothing to download and nothing to overfit. PNGs go to ``--out`` if 
 installed: noisy / fixed filter / patch generator / KPN / clean, and the predicted kernels at a
 few pixels on edges and in flat regions.
 
-    python examples/denoiser.py                  # 30 s on 2 idle CPU cores, minutes on busy ones
+    python examples/denoiser.py                  # the full run (it prints how long each part took)
     python examples/denoiser.py --smoke          # seconds: a smoke test (--quick is the same)
     python examples/denoiser.py --out results/x  # where the PNGs go (default: results/denoiser)
     python examples/denoiser.py --docs-png docs/img/denoiser.png   # also the small figure of the docs

@@ -10,7 +10,7 @@ same layer under a tight budget (a quarter of what the unchunked recipe would ne
 chunks, the same result up to rounding) and shows the ``BudgetTooSmallError`` that a budget too
 small for even one patch raises, with the smallest budget that would fit.
 
-    python examples/training_budget.py               # 30-50 s on 2 (busy) CPU cores
+    python examples/training_budget.py               # the full run (it prints its own timings)
     python examples/training_budget.py --quick       # seconds: a smoke test
     python examples/training_budget.py --budget 64MB --size 256
 """

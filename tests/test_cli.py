@@ -29,7 +29,7 @@ def test_int_kernel_means_2d_and_one_dim_fewer_is_unbatched(capsys):
     code, out, _ = run(capsys, "--input", "16x4096x4096", "--kernel-size", "3")
     assert code == 0
     assert "convolution: 2-D, kernel 3x3, one unbatched input of 16 channels -> 16 channels" in out
-    assert "input    (1, 16, 4096, 4096) float32 on cpu -> output (1, 16, 4094, 4094)" in out
+    assert "input    (16, 4096, 4096) float32 on cpu -> output (16, 4094, 4094)" in out  # as the call returns it
     assert "add --ndim 1" in out  # the other reading is one flag away
 
 

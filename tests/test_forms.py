@@ -274,6 +274,8 @@ def test_dropout_in_a_side_input_generator_is_replayed_in_backward():
     x = torch.randn(2, 3, 6, 5, dtype=F64, requires_grad=True)
     f = torch.randn(2, 5, 6, 5, dtype=F64, requires_grad=True)
     args = dict(kernel="shared", inputs=("features",))
+    chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=11, features=f, **args)  # also checks the generator
+    drop.masks.clear()
     y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=11, features=f, **args)
     forward_masks = list(drop.masks)
     drop.masks.clear()

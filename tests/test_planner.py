@@ -327,7 +327,7 @@ def test_forward_retry_after_out_of_memory_replays_the_same_random_numbers():
     chunkconv.execute._oom_warned = False
     with pytest.warns(RuntimeWarning, match="out of memory"):
         y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, chunk_size=16, path="generic")
-    forward_draws = drawn[1:]  # the failed attempt's draw was rolled back
+    forward_draws = drawn[2:]  # the generator check's probe draw, and the failed attempt's (rolled back)
     drawn.clear()
     y.sum().backward()
     assert len(drawn) == len(forward_draws)

@@ -82,3 +82,14 @@ def test_bad_progress_values_are_refused():
         chunkconv.set_progress("sometimes")
     with pytest.raises(ValueError, match="Invalid value for `progress`"):
         _layer(progress="yes")
+
+
+def test_progress_into_a_log_is_whole_lines(capsys):
+    # issue 21: bars written with carriage returns ran together in logs (stderr is not a terminal here)
+    conv = _layer(progress=True)
+    conv.chunk_size = 5
+    conv(torch.randn(1, 2, 10, 10, requires_grad=True)).sum().backward()
+    err = capsys.readouterr().err
+    assert "\r" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("chunkconv forward:")]
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("chunkconv forward: 100.0% of 100 patches"), err

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..binding import bind_parameters
 from ..errors import FastPathUnavailableError, GeneratorOutputError
-from ..execute import BoundStep, ChunkStep, GeneratorStep, check_output_dtype
+from ..execute import BoundStep, ChunkStep, GeneratorStep, call_generator, check_output_dtype
 from ..forms import KernelForm
 from ..geometry import ConvGeometry
 from . import LinearTail, PathChoice, find_linear_tail
@@ -163,7 +163,7 @@ class _BoundLinearTail:
 
 
 def _hidden(body: Callable[[Tensor], Tensor], patches: Tensor, tail: LinearTail) -> Tensor:
-    h = body(patches)  # patches: whatever the generator receives
+    h = call_generator(body, [patches], "The generator's body (everything before its last nn.Linear)")
     rows = patches.shape[0]
     check_output_dtype(h, patches, "The generator's body (everything before its last nn.Linear)")
     if not isinstance(h, Tensor) or tuple(h.shape) != (rows, tail.hidden):
