@@ -75,6 +75,10 @@ def built_in_image(size: int, channels: int) -> torch.Tensor:
 def _forum_recipe(size: int, channels: int, hidden: int, extra: int, queue) -> None:
     # The cap counts address space, not resident memory: what torch itself maps differs between
     # builds and platforms, so cap the recipe at `extra` bytes above what this process maps now.
+    # Start torch's thread pool before the cap: its threads' stacks are address space the recipe's
+    # need should not be charged with (a thread that cannot be created aborts the process).
+    torch.ones(2**20).matmul(torch.ones(2**20))
+    torch.ones(2**20).sum()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + extra, hard))
     try:
