@@ -246,3 +246,21 @@ def test_links_out_of_docs_use_the_repository_url(page: Path):
             assert (ROOT / path).exists(), (
                 f"{page.relative_to(ROOT)}:{line}: {target} names {path}, which does not exist"
             )
+
+
+def test_the_site_says_each_default_once():
+    """docs/_ext/single_defaults.py drops a trailing one-sentence ``Default: ...`` (the site prints the signature's)."""
+    import importlib.util
+
+    pytest.importorskip("griffe")  # the docs extra
+    path = Path(__file__).resolve().parents[1] / "docs" / "_ext" / "single_defaults.py"
+    spec = importlib.util.spec_from_file_location("single_defaults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    strip = module.strip_trailing_default
+    assert strip("as for ``nn.Conv*d``. Default: ``1``.") == "as for ``nn.Conv*d``."
+    assert strip("bytes, or a fraction.\n    Default: ``None``.") == "bytes, or a fraction."
+    assert strip("a float in (0, 1]. Default: 0.5.") == "a float in (0, 1]."
+    kept = "Default: ``auto``. The planner picks it."  # more after the default: a sentence to keep
+    assert strip(kept) == kept
+    assert strip("no default here.") == "no default here."
