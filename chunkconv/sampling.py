@@ -185,13 +185,14 @@ class DeformPatchStream:
         weight ``(B, G, K)`` and, per axis, the weight's derivative along that axis.
         """
         d, g = self.geom.ndim, self.groups
+        # Clamped first, so that offsets of any size (inf included) index nothing out of range
+        # and give finite weights: below -1 or from `size` on, every grid point around is
+        # outside anyway. A NaN stays NaN: it converts to some integer, fails the range test and
+        # reads the zero row, with a NaN weight (a NaN sample, as the oracle gives).
+        pos = torch.stack([pos[..., a].clamp(-2, self.spatial[a]) for a in range(d)], dim=-1)
         low = pos.floor()
         frac = pos - low
-        # Clamped before the integer conversion, so that offsets of any size index nothing out
-        # of range: below -1 or from `size` on, every grid point around is outside anyway.
-        low_i = torch.stack(
-            [low[..., a].clamp(-2, self.spatial[a]).to(torch.long) for a in range(d)], dim=-1
-        )  # NaN converts to some integer, then fails the range test: a NaN position reads zeros
+        low_i = low.to(torch.long)
         base = (image * self.size)[:, None, None] * g
         group = torch.arange(g, device=pos.device)[None, :, None]
         for corner in itertools.product((0, 1), repeat=d):
