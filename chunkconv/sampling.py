@@ -6,9 +6,12 @@
 tap_t * dilation + offsets[n, g, t, :, o]`` by multilinear interpolation over the ``2 ** d``
 surrounding grid points, grid points outside the input counting as zero, and multiplied by the
 mask when there is one. Only the chunk's samples are formed (never the whole im2col buffer);
-backward adds each chunk's gradients into the input (``index_add_``, deterministic on the CPU),
-the offsets and the mask. The semantics and the two gradient rules are those of
-:mod:`chunkconv.deform_reference`, the float64 oracle the stream is tested against.
+backward adds each chunk's gradients into the input (``index_add_``: deterministic on the CPU;
+on CUDA it adds with atomics, so the input's gradient may differ in its last bits between runs,
+unless ``torch.use_deterministic_algorithms(True)``, under which torch's ``index_add_`` is
+deterministic), the offsets and the mask (each location's, written by its own chunk). The
+semantics and the two gradient rules are those of :mod:`chunkconv.deform_reference`, the
+float64 oracle the stream is tested against.
 
 The canonical offset layout, which the engine and the ops share: ``(N, G, K, d, *out)`` in
 pixel units, ``K = prod(kernel_size)`` taps in ``F.unfold``'s row-major order, coordinates

@@ -4,7 +4,7 @@ Skipped where torchvision does not load: PyPI's torchvision wheels pair only wit
 torch, so CI's default run (the CPU build) tests against the project's own float64 oracle only.
 To run these, make a separate environment (a multi-GB download that also runs on the CPU)::
 
-    python -m venv /tmp/venv-tv && /tmp/venv-tv/bin/pip install torch torchvision pytest hypothesis
+    python -m venv /tmp/venv-tv && /tmp/venv-tv/bin/pip install torch torchvision psutil pytest hypothesis
     PYTHONPATH=$PWD /tmp/venv-tv/bin/python -m pytest -q tests/test_deform_torchvision.py
 """
 

@@ -460,3 +460,28 @@ def test_dcnv4_refuses_an_unpadded_last_dimension():
             offset_scale=1.0,
             remove_center=True,
         )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu_and_is_deterministic_when_asked(dtype):
+    x = torch.randn(2, 6, 9, 8).to(dtype)
+    geom = _geom(x, 3, padding=(2, 1), stride=(1, 2), dilation=(2, 1))
+    offsets = (torch.randn(2, 3, 9, 2, *geom.out_spatial) * 2).to(dtype)
+    mask = torch.rand(2, 3, 9, *geom.out_spatial).to(dtype)
+    upstream = torch.randn(geom.num_patches, geom.patch_size).to(dtype)
+    want, want_grads = run_stream(x, offsets, mask, geom, 37, upstream)
+    cuda = [t.cuda() for t in (x, offsets, mask, upstream)]
+    got, got_grads = run_stream(*cuda[:3], geom, 37, cuda[3])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run_stream(*cuda[:3], geom, 37, cuda[3])
+        again = run_stream(*cuda[:3], geom, 37, cuda[3])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
