@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .deform_reference import check_rule
-from .gather import ChunkIndex, blockwise
+from .gather import PATCH_LAYOUTS, ChunkIndex, blockwise
 from .geometry import ConvGeometry
 
 __all__ = [
@@ -105,6 +105,9 @@ class DeformPatchStream:
         rule: the gradient rule, ``"torchvision"`` or ``"strict"`` (DCNv3/DCNv4); see
             :mod:`chunkconv.deform_reference`. Default: ``"torchvision"``.
         input_grad, offset_grad, mask_grad: which gradients backward accumulates.
+        layout: one of :data:`~chunkconv.gather.PATCH_LAYOUTS`, as for
+            :class:`~chunkconv.gather.PatchStream`: ``"rows"`` (a contiguous ``(B, C * K)``) or
+            ``"columns"`` (the transpose of a contiguous ``(C * K, B)``). Default: ``"rows"``.
 
     Dtypes: the rows come in ``x``'s dtype; positions, interpolation weights and the sums over
     the corners are computed in :func:`opmath_dtype` (float32 for float16/bfloat16) and
@@ -126,7 +129,11 @@ class DeformPatchStream:
         input_grad: bool = False,
         offset_grad: bool = False,
         mask_grad: bool = False,
+        layout: str = "rows",
     ) -> None:
+        if layout not in PATCH_LAYOUTS:
+            raise ValueError(f"Invalid value for `layout`; expected one of {PATCH_LAYOUTS}, got layout={layout!r}.")
+        self.columns = layout == "columns"
         self.rule = check_rule(rule)
         self.groups = check_offsets(offsets, mask, geom)
         if mask_grad and mask is None:
@@ -229,13 +236,16 @@ class DeformPatchStream:
         if self.mask is not None:
             acc.mul_(self._rows(self.mask, chunk)[..., None])
         b = chunk.end - chunk.start
+        if self.columns:  # (G, Cg, K, B) -> a contiguous (C * K, B), returned transposed
+            return acc.permute(1, 3, 2, 0).reshape(-1, b).to(self.dtype).t()
         out = acc.permute(0, 1, 3, 2).reshape(b, -1).to(self.dtype)  # (B, G, Cg, K) -> (B, C * K)
         return out.view(out.shape)  # a view, for the reason gather_patches gives
 
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
         pos, image = self._positions(chunk)
         b, g, k, _ = pos.shape
-        up = grad.reshape(b, g, self.cg, k).permute(0, 1, 3, 2).to(self.opmath)  # (B, G, K, Cg)
+        # (B, G, K, Cg), contiguous: every product below then runs over contiguous memory
+        up = grad.reshape(b, g, self.cg, k).transpose(2, 3).to(self.opmath, memory_format=torch.contiguous_format)
         mask = None if self.mask is None else self._rows(self.mask, chunk)
         up_masked = up if mask is None else up * mask[..., None]
         want_values = self._grad_off is not None or self._grad_mask is not None

@@ -22,7 +22,7 @@ from chunkconv.deform_reference import (
     deform_conv_reference,
     deform_sample_reference,
 )
-from chunkconv.gather import ChunkIndex
+from chunkconv.gather import ChunkIndex, is_column_major
 from chunkconv.geometry import conv_spec
 from chunkconv.reference import unfold_patches
 from chunkconv.sampling import (
@@ -339,6 +339,27 @@ def test_results_do_not_depend_on_the_chunking_beyond_rounding():
         assert torch.equal(part[0], whole[0])  # each row is computed alone: exactly equal
         for a, b in zip(part[1][:2], whole[1][:2]):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_the_columns_layout_holds_the_same_rows():
+    x = torch.randn(2, 4, 5, 6, dtype=F64)
+    geom = _geom(x, 3, padding=1)
+    offsets = torch.randn(2, 2, 9, 2, 5, 6, dtype=F64)
+    mask = torch.rand(2, 2, 9, 5, 6, dtype=F64)
+    upstream = torch.randn(geom.num_patches, geom.patch_size, dtype=F64)
+    chunk = ChunkIndex.build(7, 41, geom)  # across the two images
+    streams = [
+        DeformPatchStream(x, offsets, mask, geom, input_grad=True, offset_grad=True, mask_grad=True, layout=layout)
+        for layout in ("rows", "columns")
+    ]
+    rows, columns = (s.gather(chunk) for s in streams)
+    assert rows.is_contiguous() and is_column_major(columns) and torch.equal(rows, columns)
+    streams[0].add_grad(chunk, upstream[7:41])
+    streams[1].add_grad(chunk, upstream[7:41].t().contiguous().t())  # column-major gradients
+    for a, b in zip(*(s.grads() for s in streams)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match=r"^Invalid value for `layout`"):
+        DeformPatchStream(x, offsets, mask, geom, layout="cols")
 
 
 def test_the_stream_follows_the_protocol_and_reports_only_what_was_asked():
