@@ -40,6 +40,7 @@ __all__ = [
     "check_offsets",
     "dcnv3_offsets",
     "dcnv4_offsets",
+    "deform_fixed_costs",
     "opmath_dtype",
     "torchvision_offsets",
 ]
@@ -87,6 +88,49 @@ def check_offsets(offsets: Tensor, mask: Tensor | None, geom: ConvGeometry) -> i
         if tuple(mask.shape) != (n, g, k, *out):
             raise ValueError(f"Expected a mask of shape {(n, g, k, *out)}, got {tuple(mask.shape)}.")
     return g
+
+
+def deform_fixed_costs(
+    geom: ConvGeometry,
+    groups: int,
+    dtype: torch.dtype,
+    *,
+    input_grad: bool = False,
+    offset_grad: bool = False,
+    mask_grad: bool = False,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The chunk-independent allocations of a :class:`DeformPatchStream`, forward and backward, by name.
+
+    Pure arithmetic, no tensors, in the planner's form (see :func:`chunkconv.planner.fixed_costs`):
+    the channels-last copy of the input the stream samples from (both phases), and in backward
+    the gradient buffers it accumulates into, in :func:`opmath_dtype`, plus the input gradient
+    :meth:`DeformPatchStream.grad` returns. What one chunk allocates on top is measured, as for
+    every step.
+
+    Args:
+        geom: the convolution's geometry.
+        groups: the number of offset groups ``G``.
+        dtype: the input's dtype.
+        input_grad, offset_grad, mask_grad: the gradients backward accumulates.
+
+    Returns:
+        ``(forward, backward)``, bytes by name.
+
+    """
+    item, op_item = dtype.itemsize, opmath_dtype(dtype).itemsize
+    n, c, k, d = geom.batch, geom.in_channels, geom.kernel_numel, geom.ndim
+    image = n * c * math.prod(geom.in_spatial)
+    source = (image + c // groups) * item  # plus the zero row
+    per_tap = geom.num_patches * groups * k
+    forward = {"input, channels-last rows": source}
+    backward = {
+        "input, channels-last rows": source,
+        "input gradient rows": (image + c // groups) * op_item if input_grad else 0,
+        "input gradient": image * item if input_grad else 0,
+        "offsets gradient": per_tap * d * op_item if offset_grad else 0,
+        "mask gradient": per_tap * op_item if mask_grad else 0,
+    }
+    return forward, backward
 
 
 class DeformPatchStream:

@@ -29,6 +29,7 @@ from chunkconv.sampling import (
     DeformPatchStream,
     dcnv3_offsets,
     dcnv4_offsets,
+    deform_fixed_costs,
     opmath_dtype,
     torchvision_offsets,
 )
@@ -360,6 +361,23 @@ def test_the_columns_layout_holds_the_same_rows():
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
     with pytest.raises(ValueError, match=r"^Invalid value for `layout`"):
         DeformPatchStream(x, offsets, mask, geom, layout="cols")
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_fixed_costs_are_the_streams_own_buffers(dtype):
+    x = torch.randn(2, 6, 7, 5).to(dtype)
+    geom = _geom(x, (3, 2), stride=(2, 1), padding=1)
+    offsets = torch.randn(2, 3, 6, 2, *geom.out_spatial).to(dtype)
+    mask = torch.rand(2, 3, 6, *geom.out_spatial).to(dtype)
+    stream = DeformPatchStream(x, offsets, mask, geom, input_grad=True, offset_grad=True, mask_grad=True)
+    forward, backward = deform_fixed_costs(geom, 3, dtype, input_grad=True, offset_grad=True, mask_grad=True)
+    assert forward == {"input, channels-last rows": stream.source.nbytes}
+    assert backward["input gradient rows"] == stream._grad_src.nbytes
+    assert backward["offsets gradient"] == stream._grad_off.nbytes
+    assert backward["mask gradient"] == stream._grad_mask.nbytes
+    assert backward["input gradient"] == x.nbytes
+    _, none = deform_fixed_costs(geom, 3, dtype)
+    assert sum(none.values()) == stream.source.nbytes
 
 
 def test_the_stream_follows_the_protocol_and_reports_only_what_was_asked():
