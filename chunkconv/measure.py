@@ -279,6 +279,7 @@ class CallKey:
     kernel_groups: int
     inputs: tuple[str, ...]
     channels: tuple[int, ...]  # each stream's
+    sampled: object = None  # a deformable call's first stream kind (offset groups, mask, rule, grads)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class Plan:
     kernel: str = "full"
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
+    sampling: str = ""
 
     @property
     def estimated_seconds(self) -> tuple[float, float | None] | None:
@@ -154,6 +155,8 @@ class Plan:
             f" {self._kernel_text()}",
             f"  chunks   {self.num_chunks:,} of {self.chunk_size:,} patches ({self.reason})",
         ]
+        if self.sampling:
+            lines.append(f"  sampled  {self.sampling}")
         if self.path is not None:
             lines.append(f"  path     {self.path}")
         if self.budget is not None:
@@ -218,6 +221,7 @@ class PlanRequest:
             input's patches alone, with ``input_grad``.
         patch_layout: the layout the step reads the patches in (``"columns"``: chunks of whole
             output rows where that costs few chunks, so that most chunks are one block each).
+        sampling: what the plan prints about a deformable call's offsets stream (``""``: none).
 
     """
 
@@ -238,6 +242,7 @@ class PlanRequest:
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
     patch_layout: str = "rows"
+    sampling: str = ""
 
     def streamed(self) -> tuple[StreamSpec, ...]:
         """The streams (see ``streams``)."""
@@ -427,6 +432,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         kernel=request.kernel,
         generated=request.generated,
         inputs=request.inputs,
+        sampling=request.sampling,
     )
     if request.chunk_size is not None and not request.estimate:
         return replace(base, reason="chunk_size given")
