@@ -119,7 +119,7 @@ def _sampled_patches(x: Tensor, offsets: Tensor, mask: Tensor | None, geom: Conv
     # the reference's symmetric output size is the call's (a zero pixel reads as outside)
     extra = [p[1] - p[0] for p in geom.pads]
     if any(extra):
-        x = torch.nn.functional.pad(x, [e for axis in reversed(extra) for e in (0, e)])
+        x = torch.nn.functional.pad(x, [v for e in reversed(extra) for v in (0, e)])
     columns = deform_sample_reference(
         x,
         offsets.reshape(n, g, k, d, *out),

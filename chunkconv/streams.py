@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -264,7 +264,8 @@ class SampledPatches(StreamKind):
             mask_grad=self.masked and grads[2],
             layout=layout,
         )
-        return _AllGrads(stream)
+        # the executor hands what grad() returns to split_grad untouched (typed as the protocol's)
+        return cast(Stream, _AllGrads(stream))
 
     def split_grad(self, grad: object) -> tuple[Tensor | None, ...]:
         if grad is None:
@@ -309,7 +310,7 @@ class _AllGrads:
     def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
         self.stream.add_grad(chunk, grad)
 
-    def grad(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+    def grad(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         return self.stream.grads()
 
 
