@@ -239,6 +239,11 @@ class DynamicConv(nn.Module):
         """The convolution of ``input``; ``features`` and ``guide`` are the side inputs ``inputs`` names,
         ``offsets`` and ``mask`` a deformable layer's (see ``offset_groups``).
         """
+        if offsets is not None and self.offset_groups is None:
+            raise ValueError(
+                f"{type(self).__name__} got `offsets=` but was built without offset_groups; build it with "
+                "offset_groups=G to make it a deformable convolution."
+            )
         return apply_spec(
             input,
             self.generator,
