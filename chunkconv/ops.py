@@ -23,7 +23,6 @@ arguments. float64, float32, float16 and bfloat16 run on the CPU and on CUDA; un
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -65,9 +64,14 @@ class _Ones(nn.Module):
         return f"width={self.width}"
 
 
-@functools.cache
+_ONES: dict[int, _Ones] = {}
+
+
 def _ones(width: int) -> _Ones:
-    return _Ones(width)
+    found = _ONES.get(width)
+    if found is None:
+        found = _ONES[width] = _Ones(width)
+    return found
 
 
 _DEFORM_DOC = """{ndim}-D deformable convolution: torchvision's ``deform_conv2d`` semantics{dims_note}, chunked.
