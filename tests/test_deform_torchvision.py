@@ -1,4 +1,6 @@
-"""The deformable oracle and the streamed sampler against torchvision's ``deform_conv2d`` (optional).
+"""The deformable oracle, the streamed sampler and chunkconv.ops against torchvision's ``deform_conv2d`` (optional).
+
+The ops' worst errors against torchvision are printed (``pytest -s``) so that they can be reported.
 
 Skipped where torchvision does not load: PyPI's torchvision wheels pair only with the CUDA build of
 torch, so CI's default run (the CPU build) tests against the project's own float64 oracle only.
@@ -15,12 +17,14 @@ import math
 import pytest
 import torch
 
+import chunkconv.ops
 from chunkconv.deform_reference import deform_conv_reference
 from chunkconv.gather import ChunkIndex
 from chunkconv.geometry import conv_spec
 from chunkconv.sampling import DeformPatchStream, torchvision_offsets
 
 try:
+    from torchvision.ops import DeformConv2d as TVDeformConv2d
     from torchvision.ops import deform_conv2d
 except (ImportError, OSError, RuntimeError) as exc:  # absent, or built for another torch
     pytest.skip(f"torchvision does not load here: {exc}", allow_module_level=True)
@@ -142,3 +146,89 @@ def test_float32_stream_matches_torchvision():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-4, atol=1e-4)
+
+
+WORST: dict[str, float] = {}
+
+
+def _worst(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    WORST[name] = max(WORST.get(name, 0.0), (a.double() - b.double()).abs().max().item())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst():
+    yield
+    for name, err in sorted(WORST.items()):
+        print(f"worst |chunkconv.ops - torchvision| {name}: {err:.2e}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("scale", [0.7, 3.0, 60.0])
+@pytest.mark.parametrize("chunk_size", [1, 17, None])
+def test_the_op_matches_torchvision_in_float64(case, scale, chunk_size):
+    shape, o, groups, og, ks, stride, padding, dilation, masked = case
+    torch.manual_seed(1)
+    n, c = shape[:2]
+    x = torch.randn(shape, dtype=F64, requires_grad=True)
+    weight = torch.randn(o, c // groups, *ks, dtype=F64, requires_grad=True)
+    bias = torch.randn(o, dtype=F64, requires_grad=True)
+    ho = (shape[2] + 2 * padding[0] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
+    wo = (shape[3] + 2 * padding[1] - dilation[1] * (ks[1] - 1) - 1) // stride[1] + 1
+    k = ks[0] * ks[1]
+    offset = (torch.randn(n, og * k * 2, ho, wo, dtype=F64) * scale).requires_grad_()
+    offset.data[:, ::3] = offset.data[:, ::3].round()
+    mask = torch.rand(n, og * k, ho, wo, dtype=F64, requires_grad=True) if masked else None
+    leaves = [x, offset, weight, bias] + ([mask] if masked else [])
+    want = deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)
+    got = chunkconv.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask, chunk_size=chunk_size)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _worst("float64 output", got, want)
+    up = torch.randn_like(want)
+    names = ("input", "offset", "weight", "bias", "mask")
+    for name, a, b in zip(names, torch.autograd.grad(got, leaves, up), torch.autograd.grad(want, leaves, up)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        _worst(f"float64 {name} gradient", a, b)
+
+
+@pytest.mark.parametrize("where", BORDER_POSITIONS)
+def test_the_ops_border_table_is_torchvisions_bit_for_bit(where):
+    x = torch.arange(16, dtype=F64).reshape(1, 1, 4, 4).requires_grad_()
+    offset = torch.zeros(1, 2, 4, 4, dtype=F64)
+    offset[0, :, 1, 2] = torch.tensor(where, dtype=F64) - torch.tensor([1.0, 2.0], dtype=F64)
+    offset.requires_grad_()
+    mask = torch.full((1, 1, 4, 4), 0.5, dtype=F64, requires_grad=True)
+    weight = torch.ones(1, 1, 1, 1, dtype=F64)
+    want = deform_conv2d(x, offset, weight, mask=mask)
+    got = chunkconv.ops.deform_conv2d(x, offset, weight, mask=mask, chunk_size=5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    up = torch.zeros(1, 1, 4, 4, dtype=F64)
+    up[0, 0, 1, 2] = 1.0
+    for a, b in zip(torch.autograd.grad(got, (x, offset, mask), up), torch.autograd.grad(want, (x, offset, mask), up)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_module_loads_torchvisions_state_dict_and_computes_the_same():
+    torch.manual_seed(4)
+    theirs = TVDeformConv2d(8, 6, 3, stride=1, padding=1, groups=2)
+    ours = chunkconv.ops.DeformConv2d(8, 6, 3, stride=1, padding=1, groups=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 8, 12, 12)
+    offset = torch.randn(2, 2 * 18, 12, 12) * 2
+    mask = torch.rand(2, 18, 12, 12)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+    want = theirs(leaves[0], leaves[1], leaves[2])
+    got = ours(leaves[0], leaves[1], leaves[2])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _worst("float32 module output", got, want)
+    up = torch.randn_like(want)
+    a = torch.autograd.grad(got, [*leaves, ours.weight, ours.bias], up)
+    b = torch.autograd.grad(want, [*leaves, theirs.weight, theirs.bias], up)
+    for name, ga, gb in zip(("input", "offset", "mask", "weight", "bias"), a, b):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        _worst(f"float32 module {name} gradient", ga, gb)
+    # the same initialisation, drawn in the same order
+    torch.manual_seed(5)
+    theirs = TVDeformConv2d(4, 4, 3)
+    torch.manual_seed(5)
+    ours = chunkconv.ops.DeformConv2d(4, 4, 3)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
