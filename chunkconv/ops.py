@@ -265,11 +265,18 @@ _MODULE_DOC = """Torchvision's ``DeformConv2d``{dims_note} on chunkconv's engine
     ``DeformConv2d``'s ``state_dict`` loads into :class:`DeformConv2d` (and computes the same).
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as for
-            torchvision's ``DeformConv2d``. Defaults: ``1, 0, 1, 1, True``.
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        kernel_size: an int or one per spatial dim.
+        stride: an int or one per spatial dim. Default: ``1``.
+        padding: an int or one per spatial dim (zeros). Default: ``0``.
+        dilation: an int or one per spatial dim. Default: ``1``.
+        groups: as for torchvision's ``DeformConv2d``. Default: ``1``.
+        bias: whether to learn a bias. Default: ``True``.
         budget: memory budget of each call. Default: ``"auto"``.
         chunk_size: output locations per chunk, overriding the budget. Default: ``None``.
-        device, dtype: where and in what dtype to create the parameters. Default: ``None``.
+        device: where to create the parameters. Default: ``None``.
+        dtype: the parameters' dtype. Default: ``None``.
 
     Shape:
         ``input`` ``(N, C_in, {spatial})``, ``offset`` ``(N, G * K * {ndim}, *out)``, ``mask``
@@ -397,9 +404,16 @@ def dcnv3_core(
         input: channels-last ``(N, H, W, group * group_channels)``.
         offset: ``(N, Ho, Wo, group * K' * 2)``, ``(x, y)`` per tap.
         mask: ``(N, Ho, Wo, group * K')``.
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w: the
-            geometry (zero padding).
-        group, group_channels: the groups ``G`` and channels per group ``D``.
+        kernel_h: the kernel's height.
+        kernel_w: the kernel's width.
+        stride_h: the vertical stride.
+        stride_w: the horizontal stride.
+        pad_h: the zero padding above and below.
+        pad_w: the zero padding left and right.
+        dilation_h: the vertical dilation.
+        dilation_w: the horizontal dilation.
+        group: the groups ``G``.
+        group_channels: the channels per group ``D``.
         offset_scale: the scale of the offsets (and of the taps around the window's centre).
         remove_center: skip the centre tap (odd kernels). Default: ``False``.
         budget: chunkconv's memory budget of the call. Default: ``"auto"``.
@@ -476,8 +490,18 @@ def dcnv4_core(
     Args:
         input: channels-last ``(N, H, W, group * group_channels)``.
         offset_mask: ``(N, Ho, Wo, ceil(group * 3K' / 8) * 8)``.
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-            group_channels, offset_scale, remove_center: as for :func:`dcnv3_core`.
+        kernel_h: as for :func:`dcnv3_core`.
+        kernel_w: as for :func:`dcnv3_core`.
+        stride_h: as for :func:`dcnv3_core`.
+        stride_w: as for :func:`dcnv3_core`.
+        pad_h: as for :func:`dcnv3_core`.
+        pad_w: as for :func:`dcnv3_core`.
+        dilation_h: as for :func:`dcnv3_core`.
+        dilation_w: as for :func:`dcnv3_core`.
+        group: as for :func:`dcnv3_core`.
+        group_channels: as for :func:`dcnv3_core`.
+        offset_scale: as for :func:`dcnv3_core`.
+        remove_center: as for :func:`dcnv3_core`. Default: ``False``.
         budget: chunkconv's memory budget of the call. Default: ``"auto"``.
         chunk_size: output locations per chunk, overriding the budget. Default: ``None``.
 

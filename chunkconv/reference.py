@@ -71,9 +71,11 @@ def dynamic_conv_reference(
             large as the weights; ``"einsum"`` contracts with one batched
             matmul, the best unchunked PyTorch recipe (full kernels only).
         ndim: spatial dims; by default ``len(kernel_size)``, 2 for an int.
-        offsets, mask, sampling_rule: a deformable call's (torchvision's layout, as for
+        offsets: a deformable call's offsets (torchvision's layout, as for
             ``chunkconv.dynamic_conv``): the patches are then the sampled ones, every one at
             once, from :func:`chunkconv.deform_reference.deform_sample_reference`.
+        mask: a deformable call's mask, as for ``chunkconv.dynamic_conv``.
+        sampling_rule: the offsets' gradient rule, as for ``chunkconv.dynamic_conv``.
 
     The other arguments (``kernel``, ``weight``, ``kernel_groups``, ``inputs``, ``features``,
     ``guide`` included) and the shapes are those of ``chunkconv.dynamic_conv``; ``in_channels``
