@@ -176,10 +176,11 @@ def deform_sample_reference(
         _out_grid(out, st, pad, offsets.dtype, offsets.device)[None, :, :]
         + _tap_grid(ks, dil, offsets.dtype, offsets.device)[:, None, :]
     )  # (K, L, d)
-    positions = base + offsets.reshape(n, g, k, d, -1).transpose(3, 4)  # (N, G, K, L, d)
-    values = sample_reference(input, positions.reshape(n, g, -1, d), rule).reshape(n, g, c // g, k, -1)
+    m = math.prod(out)  # L, spelled out: no -1, so that an empty batch reshapes too
+    positions = base + offsets.reshape(n, g, k, d, m).transpose(3, 4)  # (N, G, K, L, d)
+    values = sample_reference(input, positions.reshape(n, g, k * m, d), rule).reshape(n, g, c // g, k, m)
     if mask is not None:
-        values = values * mask.reshape(n, g, 1, k, -1)
+        values = values * mask.reshape(n, g, 1, k, m)
     return values.reshape(n, c * k, *out)
 
 
@@ -244,7 +245,7 @@ def deform_conv_reference(
         rule=rule,
     )
     o = weight.shape[0]
-    cols = cols.reshape(n, groups, (c // groups) * k, -1)
+    cols = cols.reshape(n, groups, (c // groups) * k, math.prod(out))
     y = torch.einsum("ngpl,gop->ngol", cols, weight.reshape(groups, o // groups, -1)).reshape(n, o, *out)
     if bias is not None:
         y = y + bias.reshape(1, o, *([1] * d))

@@ -364,8 +364,8 @@ def _dcn_call(
         None,
         options,
         op=op,
-        offsets=offsets.reshape(n, -1, *out),
-        mask=mask.reshape(n, -1, *out),
+        offsets=offsets.reshape(n, math.prod(offsets.shape[1:-2]), *out),  # no -1: an empty batch reshapes too
+        mask=mask.reshape(n, math.prod(mask.shape[1:-2]), *out),
     )
     return y.permute(0, 2, 3, 1).contiguous()
 

@@ -132,7 +132,11 @@ def _sampled_patches(x: Tensor, offsets: Tensor, mask: Tensor | None, geom: Conv
         dilation=geom.dilation,
         rule=rule,
     )
-    return columns.reshape(n, geom.patch_size, -1).transpose(1, 2).reshape(geom.num_patches, geom.patch_size)
+    return (
+        columns.reshape(n, geom.patch_size, geom.locations_per_image)
+        .transpose(1, 2)
+        .reshape(geom.num_patches, geom.patch_size)
+    )
 
 
 def _generator_rows(

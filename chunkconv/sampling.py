@@ -194,7 +194,9 @@ class DeformPatchStream:
         # Channels-last rows ``(N * S * G + 1, C // G)``: one row per image, pixel and group,
         # plus a zero row that every out-of-range grid point reads (no masking of values).
         self.source = x.new_zeros(n * self.size * g + 1, self.cg)
-        self.source[:-1].view(n, self.size, g, self.cg).copy_(x.detach().reshape(n, g, self.cg, -1).permute(0, 3, 1, 2))
+        self.source[:-1].view(n, self.size, g, self.cg).copy_(
+            x.detach().reshape(n, g, self.cg, self.size).permute(0, 3, 1, 2)
+        )
         self.zero_row = n * self.size * g
         self.offsets = offsets.detach().permute(0, *range(4, 4 + d), 1, 2, 3)  # (N, *out, G, K, d)
         self.mask = None if mask is None else mask.detach().permute(0, *range(3, 3 + d), 1, 2)  # (N, *out, G, K)
@@ -204,9 +206,23 @@ class DeformPatchStream:
         taps = torch.tensor(list(itertools.product(*(range(k) for k in geom.kernel_size))), device=dev)
         self.taps = (taps * torch.tensor(geom.dilation, device=dev)).to(self.opmath)  # (K, d)
         self._grad_src = torch.zeros(self.source.shape, dtype=self.opmath, device=dev) if input_grad else None
-        self._grad_off = torch.zeros(self.offsets.shape, dtype=self.opmath, device=dev) if offset_grad else None
+        # The gradients handed back are in their sources' own layouts, which autograd keeps as they
+        # are (a gradient in another layout it copies into `.grad`: a buffer no plan counts); the
+        # offsets' and the mask's are accumulated in place through the same (N, *out, ...) views.
+        self._like = x.detach()
+        self._grad_off = (
+            torch.zeros_like(offsets, dtype=self.opmath, memory_format=torch.preserve_format).permute(
+                0, *range(4, 4 + d), 1, 2, 3
+            )
+            if offset_grad
+            else None
+        )
         self._grad_mask = (
-            torch.zeros(self.mask.shape, dtype=self.opmath, device=dev) if mask_grad and self.mask is not None else None
+            torch.zeros_like(mask, dtype=self.opmath, memory_format=torch.preserve_format).permute(
+                0, *range(3, 3 + d), 1, 2
+            )
+            if mask_grad and mask is not None
+            else None
         )
         self._mask_dtype = None if mask is None else mask.dtype
         self._off_dtype = offsets.dtype
@@ -326,7 +342,8 @@ class DeformPatchStream:
             return None
         n = self.geom.batch
         rows = self._grad_src[:-1].view(n, self.size, self.groups, self.cg)
-        return rows.permute(0, 2, 3, 1).reshape(n, -1, *self.spatial).to(self.dtype)
+        grad = torch.empty_like(self._like, memory_format=torch.preserve_format)  # the input's layout (see above)
+        return grad.copy_(rows.permute(0, 2, 3, 1).reshape(grad.shape))
 
     def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients of the input, the canonical offsets and the mask, in their dtypes (None

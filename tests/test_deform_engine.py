@@ -287,6 +287,34 @@ def test_random_budgets_hold_as_measured(data, factor, training):
         del y
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_first_backward_holds_the_budget_gradients_in_their_sources_layouts(channels_last):
+    # the case hypothesis found (full kernel, 2 channels, 1 offset group, 19x19, budget at the
+    # minimum): the offsets' gradient came back as a permuted view, which autograd copied into
+    # the fresh `.grad` (a buffer the plan does not count) on the first backward only
+    gen = nn.Sequential(nn.Linear(18, 6), nn.Tanh(), nn.Linear(6, 36)).double()
+    x = torch.randn(2, 2, 19, 19, dtype=F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    offsets = (torch.randn(2, 18, 19, 19, dtype=F64) * 2).requires_grad_()
+    mask = torch.rand(2, 9, 19, 19, dtype=F64, requires_grad=True)
+    args = dict(padding=1, offset_groups=1, dtype=F64)
+    for side in ({"offsets": offsets}, {"offsets": offsets, "mask": mask}):
+        probe = chunkconv.DynamicConv2d(gen, 2, 2, 3, budget=2**40, **args)
+        budget = probe.plan(x, training=True, **side).minimum_budget
+        conv = chunkconv.DynamicConv2d(gen, 2, 2, 3, budget=budget, **args)
+        for call in ("first", "repeat"):
+            y = conv(x, **side)
+            with MemoryTracker() as bwd:
+                y.backward(torch.randn_like(y))
+            assert bwd.peak <= budget, (call, sorted(side), bwd.peak / budget)
+            del y
+        for t in (x, *side.values()):
+            assert t.grad is not None and t.grad.stride() == t.stride(), (t.shape, t.stride())
+            t.grad = None
+
+
 def test_offsets_equal_to_an_integer_shift_shift_the_input():
     # every tap displaced by (+1, -2): tap (a, b) of output (i, j) reads x[i + a, j + b - 3], a plain
     # convolution of x padded by 0 above, 2 below, 3 on the left and cropped by 1 on the right
@@ -296,3 +324,24 @@ def test_offsets_equal_to_an_integer_shift_shift_the_input():
     y = chunkconv.dynamic_conv2d(x, lambda r: r.new_ones(r.shape[0], 9), 3, 3, padding=1, kernel="modulated",
                                  weight=w, offsets=offsets, chunk_size=11)  # fmt: skip
     torch.testing.assert_close(y, F.conv2d(F.pad(x, (3, -1, 0, 2)), w))
+
+
+def test_an_empty_batch_with_offsets_runs_forward_and_backward():
+    # as issue 21 made empty batches run: no reshape with -1 of zero elements on the sampled path
+    from chunkconv.ops import dcnv3_core, deform_conv2d
+
+    x = torch.randn(0, 2, 5, 5, dtype=F64, requires_grad=True)
+    offsets = torch.randn(0, 18, 5, 5, dtype=F64, requires_grad=True)
+    mask = torch.rand(0, 9, 5, 5, dtype=F64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=F64)
+    gen = lambda r: r.new_ones(r.shape[0], 9)  # noqa: E731
+    y = chunkconv.dynamic_conv2d(x, gen, 3, 3, padding=1, kernel="modulated", weight=w, offsets=offsets, mask=mask)
+    ref = chunkconv.dynamic_conv_reference(x, gen, out_channels=3, kernel_size=3, padding=1, kernel="modulated",
+                                           weight=w, offsets=offsets, mask=mask)  # fmt: skip
+    assert y.shape == ref.shape == (0, 3, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and offsets.grad.shape == offsets.shape and mask.grad.shape == mask.shape
+    assert deform_conv2d(x, offsets, w, padding=1, mask=mask).shape == (0, 3, 5, 5)
+    channels_last = torch.randn(0, 5, 5, 4, dtype=F64)
+    offset, m = torch.zeros(0, 5, 5, 2 * 9 * 2, dtype=F64), torch.zeros(0, 5, 5, 2 * 9, dtype=F64)
+    assert dcnv3_core(channels_last, offset, m, 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0).shape == (0, 5, 5, 4)
