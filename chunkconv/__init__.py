@@ -1,5 +1,6 @@
 """chunkconv: convolutions whose kernel is a function of the input, chunked to fit a memory budget."""
 
+from . import ops  # chunkconv.ops: the drop-in deformable convolutions
 from ._version import __version__ as __version__
 from .budget import format_bytes, parse_budget
 from .errors import (
@@ -48,6 +49,7 @@ __all__ = [
     "dynamic_conv3d",
     "dynamic_conv_reference",
     "format_bytes",
+    "ops",
     "parse_budget",
     "plan",
     "receptive_field",

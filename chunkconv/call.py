@@ -29,12 +29,14 @@ from .checks import (
     check_input_dtype,
     check_inputs,
     check_path,
+    check_sampling,
     check_side_inputs,
     check_static_weight,
 )
+from .deform_reference import check_rule
 from .forms import FORMS, KernelForm, check_form, make_form
 from .geometry import ConvGeometry, ConvSpec
-from .streams import StreamSpec, describe_streams
+from .streams import SampledPatches, StreamSpec, describe_streams
 
 __all__ = ["Budget", "Call", "CallOptions", "Generator", "describe_call", "result_dtype"]
 
@@ -62,6 +64,10 @@ class CallOptions:
             ``"positions"``.
         progress: show progress over the chunks (``None``: the process-wide setting, see
             :func:`chunkconv.set_progress`).
+        offset_groups: the offset groups of a deformable call (``offsets=`` then required at
+            every call); ``None``: no offsets (a function infers them from ``offsets=``).
+        sampling_rule: the offsets' gradient rule, ``"torchvision"`` or ``"strict"`` (DCNv3/DCNv4;
+            see :mod:`chunkconv.deform_reference`).
 
     """
 
@@ -73,9 +79,17 @@ class CallOptions:
     kernel_groups: int | None = None
     inputs: tuple[str, ...] = ("patches",)
     progress: bool | None = None
+    offset_groups: int | None = None
+    sampling_rule: str = "torchvision"
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
+        og = self.offset_groups
+        if og is not None and (isinstance(og, bool) or not isinstance(og, int) or og < 1):
+            raise ValueError(
+                f"Invalid value for `offset_groups`; expected an int >= 1 or None, got offset_groups={og!r}."
+            )
+        check_rule(self.sampling_rule)
         check_path(self.path)
         check_budget_form(self.budget)
         object.__setattr__(self, "inputs", check_inputs(self.inputs))
@@ -133,12 +147,14 @@ def describe_call(
     input_grad: bool,
     side: dict[str, SideInput] | None = None,
     weight: Tensor | None = None,
+    sampling: dict[str, SideInput] | None = None,
 ) -> Call:
     """Check a call on an input of ``shape``, ``dtype`` and ``device``: every check, no tensor work.
 
     ``side`` maps ``"features"``/``"guide"`` to the tensors (or shapes) given; ``weight`` is the
-    modulated form's static weight. ``training`` ``None`` means: whether grad mode is on and
-    anything needs a gradient.
+    modulated form's static weight; ``sampling`` maps ``"offsets"`` (and ``"mask"``) to the
+    deformable call's tensors (or shapes) in torchvision's layout. ``training`` ``None`` means:
+    whether grad mode is on and anything needs a gradient.
     """
     check_device(device)
     check_bool("training", training, optional=True)
@@ -152,7 +168,13 @@ def describe_call(
     check_side_inputs(side, options.inputs, geom, unbatched, dtype, device, op)
     params = check_generator(generator, device, dtype, options.allow_batch_coupled)
     given = {k: (_shape(t)[1 - unbatched], _requires_grad(t)) for k, t in side.items()}
-    streams = describe_streams(options.inputs, spec.in_channels, input_grad, given)
+    sampled = None
+    sampling = sampling or {}
+    groups = check_sampling(sampling, options.offset_groups, geom, unbatched, device, op)
+    if groups is not None:
+        grads = (input_grad, *(_requires_grad(sampling[k]) for k in ("offsets", "mask") if k in sampling))
+        sampled = SampledPatches(groups, "mask" in sampling, options.sampling_rule, (*grads, False)[:3])
+    streams = describe_streams(options.inputs, spec.in_channels, input_grad, given, sampled)
     if training is None:
         tracked = (*params.values(), *(t for t in (bias, weight) if t is not None))
         wanted = any(s.requires_grad for s in streams) or any(t.requires_grad for t in tracked)
@@ -172,7 +194,7 @@ def describe_call(
         options=options,
         form=make_form(options.kernel, geom, kernel_groups),
         streams=streams,
-        generator_inputs=tuple([s.name for s in streams].index(k) for k in options.inputs),
+        generator_inputs=tuple(["patches", *(s.name for s in streams[1:])].index(k) for k in options.inputs),
     )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "check_input_type",
     "check_inputs",
     "check_path",
+    "check_sampling",
     "check_side_inputs",
     "check_static_weight",
 ]
@@ -334,9 +335,10 @@ def check_inputs(inputs: object) -> tuple[str, ...]:
     """Normalise ``inputs`` (what the generator receives) to a checked tuple of kinds."""
     if isinstance(inputs, str):
         inputs = (inputs,)
-    if not isinstance(inputs, Sequence) or not inputs or any(k not in KINDS for k in inputs):
+    names = tuple(name for name, kind in KINDS.items() if kind.selectable)
+    if not isinstance(inputs, Sequence) or not inputs or any(k not in names for k in inputs):
         raise ValueError(
-            f"Invalid value for `inputs`; expected a non-empty tuple of {tuple(KINDS)} (what the generator "
+            f"Invalid value for `inputs`; expected a non-empty tuple of {names} (what the generator "
             f"receives, in order), got inputs={inputs!r}."
         )
     if len(set(inputs)) != len(inputs):
@@ -388,6 +390,72 @@ def check_side_inputs(
                     f"`{name}` has dtype {given.dtype} but the input has dtype {dtype}; expected the same "
                     "(or run under torch.autocast, which casts float32/float16/bfloat16)."
                 )
+
+
+def check_sampling(
+    sampling: dict[str, SideInput],
+    offset_groups: int | None,
+    geom: ConvGeometry,
+    unbatched: bool,
+    device: torch.device,
+    op: str,
+) -> int | None:
+    """Check a deformable call's ``offsets`` ``(N, G * K * d, *out)`` and ``mask`` ``(N, G * K, *out)``
+    (torchvision's layout; without ``N`` when the input is unbatched) against the geometry and
+    ``offset_groups``; return ``G`` (``None``: no offsets). ``offset_groups`` ``None`` infers ``G``.
+    """
+    offsets, mask = sampling.get("offsets"), sampling.get("mask")
+    if offsets is None:
+        if mask is not None:
+            raise ValueError(f"{op} got `mask=` without `offsets=`; a mask scales the samples of a deformable call.")
+        if offset_groups is not None:
+            raise ValueError(
+                f"{op} has offset_groups={offset_groups} (a deformable convolution) but got no `offsets=` tensor; "
+                f"expected offsets of shape (N, {offset_groups} * {geom.kernel_numel} * {geom.ndim}, *out)."
+            )
+        return None
+    if geom.padding_mode != "zeros":
+        raise ValueError(
+            f"Deformable sampling pads with zeros only; expected padding_mode='zeros' with `offsets=`, "
+            f"got padding_mode={geom.padding_mode!r}."
+        )
+    k, d, out = geom.kernel_numel, geom.ndim, geom.out_spatial
+    lead = () if unbatched else (geom.batch,)
+    shape = tuple(offsets.shape) if isinstance(offsets, Tensor) else tuple(int(s) for s in offsets)
+    per_group = k * d
+    ok = len(shape) == len(lead) + 1 + d and shape[: len(lead)] == lead and shape[len(lead) + 1 :] == out
+    channels = shape[len(lead)] if ok else 0
+    if not ok or channels == 0 or channels % per_group:
+        g = offset_groups if offset_groups is not None else "G"
+        raise ValueError(
+            f"Invalid shape for `offsets` of {op}; expected {(*lead, f'{g} * {per_group}', *out)} "
+            f"(offset groups x K={k} taps x d={d} coordinates per output location), got {shape}."
+        )
+    groups = channels // per_group
+    if offset_groups is not None and groups != offset_groups:
+        raise ValueError(
+            f"Invalid shape for `offsets` of {op}; expected {offset_groups * per_group} channels "
+            f"(offset_groups={offset_groups} x K={k} x d={d}), got {shape}."
+        )
+    if geom.in_channels % groups:
+        raise ValueError(
+            f"Invalid shape for `offsets` of {op}: {groups} offset groups must divide "
+            f"in_channels={geom.in_channels}; got offsets of shape {shape}."
+        )
+    if mask is not None:
+        mshape = tuple(mask.shape) if isinstance(mask, Tensor) else tuple(int(s) for s in mask)
+        if mshape != (*lead, groups * k, *out):
+            raise ValueError(
+                f"Invalid shape for `mask` of {op}; expected {(*lead, groups * k, *out)} "
+                f"({groups} offset groups x K={k} taps per output location), got {mshape}."
+            )
+    for name, t in (("offsets", offsets), ("mask", mask)):
+        if isinstance(t, Tensor):
+            if not t.is_floating_point():
+                raise TypeError(f"Expected a floating-point `{name}` for {op}, got dtype {t.dtype}.")
+            if t.device != device:
+                raise ValueError(f"`{name}` is on {t.device} but the input is on {device}; expected the same device.")
+    return groups
 
 
 def check_static_weight(

@@ -40,7 +40,7 @@ from .measure import (
 )
 from .planner import Plan, PlanRequest, make_plan
 from .progress import get_progress, progress_bar, wants_progress
-from .streams import stream_sources
+from .streams import SampledPatches, stream_sources
 
 __all__ = [
     "apply_spec",
@@ -73,6 +73,7 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         kernel_groups=call.form.kernel_groups,
         inputs=call.options.inputs,
         channels=tuple(s.channels for s in call.streams),
+        sampled=_sampled_kind(call),
     )
     step_key = StepKey(type(step).__name__, choice.path, choice.order, choice.backend)
     chunk_size = options.chunk_size
@@ -118,6 +119,7 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
         generated=call.form.weight_entries(),
         inputs=call.options.inputs,
         patch_layout=step.patch_layout,
+        sampling=_sampling_text(call),
     )
     costs = ProbedCosts(
         step,
@@ -135,6 +137,27 @@ def _plan(call: Call, generator: Generator, step: ChunkStep, choice: PathChoice,
     if plan.cost is not None and plan.cost.method != MEASURED:  # a fallback bound: measure again next time
         return plan
     return remember(cache, plan_key, plan)
+
+
+def _sampled_kind(call: Call) -> SampledPatches | None:
+    """A deformable call's first stream kind (offset groups, mask, rule, grads), for the cache keys."""
+    kind = call.streams[0].kind if call.streams else None
+    return kind if isinstance(kind, SampledPatches) else None
+
+
+def _sampling_text(call: Call) -> str:
+    """What the plan prints about a deformable call's offsets stream ("" for none)."""
+    kind = _sampled_kind(call)
+    if kind is None:
+        return ""
+    geom = call.geom
+    per_location = kind.per_location_bytes(geom, call.dtype.itemsize)
+    what = "offsets and mask" if kind.masked else "offsets"
+    return (
+        f"{what} of {kind.groups} offset group{'s' * (kind.groups > 1)} x {geom.kernel_numel} taps streamed, "
+        f"{per_location:,} B/location ({per_location * geom.num_patches:,} B in all, read per chunk); "
+        f"{kind.rule} gradient rule"
+    )
 
 
 def _fast_path_blocker(call: Call) -> str | None:
@@ -207,6 +230,7 @@ def _check_module_effects(call: Call, generator: nn.Module, step: ChunkStep) -> 
         step=type(step).__name__,
         training=call.training,
         allow_batch_coupled=call.options.allow_batch_coupled,
+        sampled=_sampled_kind(call),
     )
     cache = generator_cache(generator)
     if key in cache:
@@ -229,6 +253,27 @@ def _side(features: object, guide: object) -> dict:
     return {k: v for k, v in (("features", features), ("guide", guide)) if v is not None}
 
 
+def _sampling(offsets: object, mask: object, op: str) -> dict:
+    found = {k: v for k, v in (("offsets", offsets), ("mask", mask)) if v is not None}
+    for name, tensor in found.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"Invalid type for `{name}` of {op}; expected a Tensor, got {type(tensor).__name__}.")
+    return found
+
+
+def _canonical(call: Call, sampling: dict[str, Tensor], batch: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """The offsets ``(N, G, K, d, *out)`` and mask ``(N, G, K, *out)`` the sampled patches read (views)."""
+    kind = call.streams[0].kind
+    if not isinstance(kind, SampledPatches):
+        return {}
+    geom = call.geom
+    n, g, k, out = geom.batch, kind.groups, geom.kernel_numel, geom.out_spatial
+    found = {"offsets": batch(sampling["offsets"]).reshape(n, g, k, geom.ndim, *out)}
+    if kind.masked:
+        found["mask"] = batch(sampling["mask"]).reshape(n, g, k, *out)
+    return found
+
+
 @opaque_to_compile
 def apply_spec(
     input: Tensor,
@@ -241,11 +286,14 @@ def apply_spec(
     features: Tensor | None = None,
     guide: Tensor | None = None,
     weight: Tensor | None = None,
+    offsets: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Run a checked :class:`ConvSpec` (the shared body of the functions and the modules)."""
     check_input_type(input, op)
     side = _side(features, guide)
-    check_transforms((input, *side.values(), bias, weight), op)
+    sampling = _sampling(offsets, mask, op)
+    check_transforms((input, *side.values(), *sampling.values(), bias, weight), op)
     for name, tensor in side.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"Invalid type for `{name}` of {op}; expected a Tensor, got {type(tensor).__name__}.")
@@ -262,10 +310,12 @@ def apply_spec(
         input_grad=input.requires_grad,
         side=side,
         weight=weight,
+        sampling=sampling,
     )
     step, plan = _prepare(call, generator, weight, estimate=False)
-    batch = (lambda t: t.unsqueeze(0)) if call.unbatched else (lambda t: t)
-    sources = stream_sources(call.streams, batch(input), {k: batch(t) for k, t in side.items()})
+    batch: Callable[[Tensor], Tensor] = (lambda t: t.unsqueeze(0)) if call.unbatched else (lambda t: t)
+    batched = {k: batch(t) for k, t in side.items()} | _canonical(call, sampling, batch)
+    sources = stream_sources(call.streams, batch(input), batched)
     geom = call.geom
     seconds = plan.estimated_seconds
     show = wants_progress(call.options.progress, seconds and seconds[0] + (seconds[1] or 0.0))
@@ -295,6 +345,8 @@ def plan_spec(
     features: Tensor | Sequence[int] | None = None,
     guide: Tensor | Sequence[int] | None = None,
     weight: Tensor | None = None,
+    offsets: Tensor | Sequence[int] | None = None,
+    mask: Tensor | Sequence[int] | None = None,
 ) -> Plan:
     """The :class:`Plan` a call on ``input`` (a tensor, or just its shape) would run."""
     if isinstance(input, Tensor):
@@ -319,6 +371,7 @@ def plan_spec(
         input_grad=input_grad,
         side=_side(features, guide),
         weight=weight,
+        sampling={k: v for k, v in (("offsets", offsets), ("mask", mask)) if v is not None},
     )
     return _prepare(call, generator, weight, estimate=True)[1]
 
@@ -367,6 +420,21 @@ _FUNCTIONAL_DOC = """Dynamic {what}: every output location uses the weight ``gen
             Default: ``None``.
         progress: show progress over the chunks (tqdm when installed); ``None`` follows
             ``chunkconv.set_progress``. Default: ``None``.
+        offsets: a deformable convolution's offsets ``(N, G * K * d, *out)``, ``K =
+            prod(kernel_size)``, read as ``(N, G, K, d, *out)``: taps in ``F.unfold``'s order,
+            coordinates slowest spatial dim first (torchvision's layout). Tap ``t`` of location
+            ``o`` is sampled at ``o * stride - padding + tap_t * dilation + offset``
+            (multilinear, zero outside); the kernel form and a generator taking ``"patches"``
+            then see the sampled patches; gradients flow into the offsets. Offset group ``g``
+            covers input channels ``[g * C / G, (g + 1) * C / G)``. Zero padding only.
+            Default: ``None``.
+        mask: with ``offsets``, ``(N, G * K, *out)`` scaling each sample (DCNv2's modulation);
+            gradients flow into it. Default: ``None``.
+        offset_groups: ``G``, checked against ``offsets`` (``None``: read off its shape).
+            Default: ``None``.
+        sampling_rule: the offsets' gradient rule, ``"torchvision"`` (torchvision's exactly) or
+            ``"strict"`` (DCNv3/DCNv4: zero gradient where the sample is invalid). Default:
+            ``"torchvision"``.
 
     Returns:
         ``(N, out_channels, *out)`` (unbatched in, unbatched out), with torch's output size
@@ -404,6 +472,10 @@ def _functional(ndim: int | None, op: str) -> Callable[..., Tensor]:
         features: Tensor | None = None,
         guide: Tensor | None = None,
         progress: bool | None = None,
+        offsets: Tensor | None = None,
+        mask: Tensor | None = None,
+        offset_groups: int | None = None,
+        sampling_rule: str = "torchvision",
     ) -> Tensor:
         check_input_type(input, op)
         spec = conv_spec_for_input(
@@ -418,8 +490,22 @@ def _functional(ndim: int | None, op: str) -> Callable[..., Tensor]:
             kernel_groups=kernel_groups,
             inputs=input_kinds(inputs),
             progress=progress,
+            offset_groups=offset_groups,
+            sampling_rule=sampling_rule,
         )
-        return apply_spec(input, generator, spec, bias, options, op=op, features=features, guide=guide, weight=weight)
+        return apply_spec(
+            input,
+            generator,
+            spec,
+            bias,
+            options,
+            op=op,
+            features=features,
+            guide=guide,
+            weight=weight,
+            offsets=offsets,
+            mask=mask,
+        )
 
     conv.__name__ = conv.__qualname__ = op
     dims = {1: "L", 2: "H, W", 3: "D, H, W", None: "*spatial"}[ndim]
@@ -463,11 +549,15 @@ def plan(
     training: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    offsets: Tensor | Sequence[int] | None = None,
+    mask: Tensor | Sequence[int] | None = None,
+    offset_groups: int | None = None,
+    sampling_rule: str = "torchvision",
 ) -> Plan:
     """What ``dynamic_conv`` would do on ``input`` and what it would cost, without running it.
 
-    Takes the arguments of ``dynamic_conv``; ``input``, ``features`` and ``guide`` may be
-    tensors or just their shapes.
+    Takes the arguments of ``dynamic_conv``; ``input``, ``features``, ``guide``, ``offsets``
+    and ``mask`` may be tensors or just their shapes.
     The generator is run on a few small probe batches to measure its memory (cached).
 
     Args:
@@ -509,6 +599,8 @@ def plan(
             kernel=kernel,
             kernel_groups=kernel_groups,
             inputs=input_kinds(inputs),
+            offset_groups=offset_groups,
+            sampling_rule=sampling_rule,
         ),
         training=training,
         dtype=dtype,
@@ -516,4 +608,6 @@ def plan(
         features=features,
         guide=guide,
         weight=weight,
+        offsets=offsets,
+        mask=mask,
     )

@@ -346,6 +346,7 @@ class CallKey:
     kernel_groups: int
     inputs: tuple[str, ...]
     channels: tuple[int, ...]  # each stream's
+    sampled: object = None  # a deformable call's first stream kind (offset groups, mask, rule, grads)
 
 
 @dataclass(frozen=True)
@@ -410,6 +411,7 @@ class EffectsKey:
     step: str
     training: bool
     allow_batch_coupled: bool
+    sampled: object = None  # a deformable call's first stream kind, as in CallKey: its probe samples the patches
 
 
 CacheKey = CostKey | PlanKey | EffectsKey

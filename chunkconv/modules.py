@@ -76,6 +76,12 @@ class DynamicConv(nn.Module):
         progress: show progress over the chunks of each call (tqdm when installed); ``None``
             follows ``chunkconv.set_progress`` (off unless set; ``"auto"`` shows long calls).
             Default: ``None``.
+        offset_groups: make it a deformable convolution: every call then takes ``offsets=``
+            ``(N, offset_groups * K * d, *out)`` (and optionally ``mask=`` ``(N, offset_groups * K,
+            *out)``), torchvision's layout; the patches are sampled there (see
+            ``dynamic_conv``'s ``offsets``). Zero padding only. Default: ``None`` (no offsets).
+        sampling_rule: the offsets' gradient rule, ``"torchvision"`` or ``"strict"``
+            (DCNv3/DCNv4). Default: ``"torchvision"``.
 
     Shape:
         Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; output
@@ -117,6 +123,8 @@ class DynamicConv(nn.Module):
         kernel_groups: int | None = None,
         inputs: Sequence[str] = ("patches",),
         progress: bool | None = None,
+        offset_groups: int | None = None,
+        sampling_rule: str = "torchvision",
     ) -> None:
         super().__init__()
         check_generator_callable(generator)
@@ -143,7 +151,19 @@ class DynamicConv(nn.Module):
             kernel_groups=kernel_groups,
             inputs=input_kinds(inputs),
             progress=progress,
+            offset_groups=offset_groups,
+            sampling_rule=sampling_rule,
         )
+        if offset_groups is not None and padding_mode != "zeros":
+            raise ValueError(
+                "Deformable sampling pads with zeros only; expected padding_mode='zeros' with offset_groups, "
+                f"got padding_mode={padding_mode!r}."
+            )
+        if offset_groups is not None and in_channels % offset_groups:
+            raise ValueError(
+                f"Invalid value for `offset_groups`; expected a divisor of in_channels={in_channels}, "
+                f"got offset_groups={offset_groups}."
+            )
         # the kernel form and what the generator receives are fixed at construction (they decide
         # which parameters the layer owns)
         s = self.spec
@@ -182,6 +202,8 @@ class DynamicConv(nn.Module):
     kernel = property(lambda self: self.options.kernel)
     kernel_groups = property(lambda self: self.options.kernel_groups)
     inputs = property(lambda self: self.options.inputs)
+    offset_groups = property(lambda self: self.options.offset_groups)
+    sampling_rule = property(lambda self: self.options.sampling_rule)
 
     def _replace(self, **changes: Any) -> None:
         self.options = dataclasses.replace(self.options, **changes)
@@ -205,8 +227,23 @@ class DynamicConv(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Tensor, *, features: Tensor | None = None, guide: Tensor | None = None) -> Tensor:
-        """The convolution of ``input``; ``features`` and ``guide`` are the side inputs ``inputs`` names."""
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        features: Tensor | None = None,
+        guide: Tensor | None = None,
+        offsets: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """The convolution of ``input``; ``features`` and ``guide`` are the side inputs ``inputs`` names,
+        ``offsets`` and ``mask`` a deformable layer's (see ``offset_groups``).
+        """
+        if offsets is not None and self.offset_groups is None:
+            raise ValueError(
+                f"{type(self).__name__} got `offsets=` but was built without offset_groups; build it with "
+                "offset_groups=G to make it a deformable convolution."
+            )
         return apply_spec(
             input,
             self.generator,
@@ -217,6 +254,8 @@ class DynamicConv(nn.Module):
             features=features,
             guide=guide,
             weight=self.weight,
+            offsets=offsets,
+            mask=mask,
         )
 
     def plan(
@@ -228,6 +267,8 @@ class DynamicConv(nn.Module):
         training: bool | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        offsets: Tensor | Sequence[int] | None = None,
+        mask: Tensor | Sequence[int] | None = None,
     ) -> Plan:
         """What ``self(input)`` would do and cost, without running it; ``input`` may be a shape.
 
@@ -238,6 +279,8 @@ class DynamicConv(nn.Module):
                 a gradient; for a shape the input is assumed to need one).
             dtype: the input's dtype when ``input`` is a shape (default: the generator's parameters').
             device: the input's device when ``input`` is a shape (default: the generator's parameters').
+            offsets: a deformable layer's offsets (a tensor or its shape).
+            mask: a deformable layer's mask (a tensor or its shape), if the calls take one.
 
         Examples:
             >>> import torch, chunkconv
@@ -260,6 +303,8 @@ class DynamicConv(nn.Module):
             features=features,
             guide=guide,
             weight=self.weight,
+            offsets=offsets,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:
@@ -293,6 +338,10 @@ class DynamicConv(nn.Module):
             parts.append(f"kernel_groups={self.kernel_groups}")
         if self.inputs != ("patches",):
             parts.append(f"inputs={self.inputs!r}")
+        if self.offset_groups is not None:
+            parts.append(f"offset_groups={self.offset_groups}")
+        if self.sampling_rule != "torchvision":
+            parts.append(f"sampling_rule={self.sampling_rule!r}")
         if not isinstance(self.generator, nn.Module):  # a module generator prints as a child instead
             parts.append(f"generator={getattr(self.generator, '__qualname__', None) or type(self.generator).__name__}")
         return ", ".join(parts)

@@ -121,6 +121,7 @@ class Plan:
     generated: int | None = None
     inputs: tuple[str, ...] = ("patches",)
     unbatched: bool = False  # the input had no batch dim (and the output has none): printed so
+    sampling: str = ""
 
     @property
     def estimated_seconds(self) -> tuple[float, float | None] | None:
@@ -163,6 +164,8 @@ class Plan:
             f" {self._kernel_text()}",
             chunks,
         ]
+        if self.sampling:
+            lines.append(f"  sampled  {self.sampling}")
         if self.path is not None:
             lines.append(f"  path     {self.path}")
         if self.budget is not None:
@@ -229,6 +232,7 @@ class PlanRequest:
             output rows where that costs few chunks, so that most chunks are one block each).
         timed: time one chunk of the chosen size (for the time estimate) even without ``estimate``.
         unbatched: the input has no batch dim (the plan prints its shapes so).
+        sampling: what the plan prints about a deformable call's offsets stream (``""``: none).
 
     """
 
@@ -251,6 +255,7 @@ class PlanRequest:
     patch_layout: str = "rows"
     timed: bool = False
     unbatched: bool = False
+    sampling: str = ""
 
     def streamed(self) -> tuple[StreamSpec, ...]:
         """The streams (see ``streams``)."""
@@ -454,6 +459,7 @@ def make_plan(request: PlanRequest, costs: CostSource) -> Plan:
         generated=request.generated,
         inputs=request.inputs,
         unbatched=request.unbatched,
+        sampling=request.sampling,
     )
     if request.chunk_size is not None and not request.estimate:
         return replace(base, reason="chunk_size given")

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .deform_reference import deform_sample_reference
 from .execute import broadcast_bias
 from .gather import guide_geometry, pad_input, position_axes
 from .geometry import ConvGeometry, conv_spec_for_input
@@ -58,6 +59,9 @@ def dynamic_conv_reference(
     inputs: Sequence[str] = ("patches",),
     features: Tensor | None = None,
     guide: Tensor | None = None,
+    offsets: Tensor | None = None,
+    mask: Tensor | None = None,
+    sampling_rule: str = "torchvision",
 ) -> Tensor:
     """Dynamic convolution with nothing chunked: every patch and every weight at once.
 
@@ -67,6 +71,11 @@ def dynamic_conv_reference(
             large as the weights; ``"einsum"`` contracts with one batched
             matmul, the best unchunked PyTorch recipe (full kernels only).
         ndim: spatial dims; by default ``len(kernel_size)``, 2 for an int.
+        offsets: a deformable call's offsets (torchvision's layout, as for
+            ``chunkconv.dynamic_conv``): the patches are then the sampled ones, every one at
+            once, from :func:`chunkconv.deform_reference.deform_sample_reference`.
+        mask: a deformable call's mask, as for ``chunkconv.dynamic_conv``.
+        sampling_rule: the offsets' gradient rule, as for ``chunkconv.dynamic_conv``.
 
     The other arguments (``kernel``, ``weight``, ``kernel_groups``, ``inputs``, ``features``,
     ``guide`` included) and the shapes are those of ``chunkconv.dynamic_conv``; ``in_channels``
@@ -81,7 +90,10 @@ def dynamic_conv_reference(
     batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)
     x = batch(input)
     geom = spec.geometry(x.shape)
-    patches = unfold_patches(pad_input(x, geom), geom)  # (N*L, C*K)
+    if offsets is None:
+        patches = unfold_patches(pad_input(x, geom), geom)  # (N*L, C*K)
+    else:
+        patches = _sampled_patches(x, batch(offsets), None if mask is None else batch(mask), geom, sampling_rule)
     given = _generator_rows(
         patches,
         geom,
@@ -97,6 +109,34 @@ def dynamic_conv_reference(
     if bias is not None:
         y = y + broadcast_bias(bias, geom.ndim).to(y.dtype)
     return y.squeeze(0) if unbatched else y
+
+
+def _sampled_patches(x: Tensor, offsets: Tensor, mask: Tensor | None, geom: ConvGeometry, rule: str) -> Tensor:
+    """Every sampled patch as rows ``(N * L, C * K)`` (offsets and mask in torchvision's layout)."""
+    if geom.padding_mode != "zeros":
+        raise ValueError(f"Deformable sampling pads with zeros only; got padding_mode={geom.padding_mode!r}.")
+    n, k, d, out = geom.batch, geom.kernel_numel, geom.ndim, geom.out_spatial
+    g = offsets.shape[1] // (k * d)
+    # an asymmetric padding ("same" with an even kernel): zeros on the right of each axis, so that
+    # the reference's symmetric output size is the call's (a zero pixel reads as outside)
+    extra = [p[1] - p[0] for p in geom.pads]
+    if any(extra):
+        x = torch.nn.functional.pad(x, [v for e in reversed(extra) for v in (0, e)])
+    columns = deform_sample_reference(
+        x,
+        offsets.reshape(n, g, k, d, *out),
+        None if mask is None else mask.reshape(n, g, k, *out),
+        kernel_size=geom.kernel_size,
+        stride=geom.stride,
+        padding=[p[0] for p in geom.pads],
+        dilation=geom.dilation,
+        rule=rule,
+    )
+    return (
+        columns.reshape(n, geom.patch_size, geom.locations_per_image)
+        .transpose(1, 2)
+        .reshape(geom.num_patches, geom.patch_size)
+    )
 
 
 def _generator_rows(

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
-from .gather import FeatureStream, GuideStream, PatchStream, PositionStream, Stream
+from .gather import ChunkIndex, FeatureStream, GuideStream, PatchStream, PositionStream, Stream
 from .geometry import ConvGeometry
+from .sampling import DeformPatchStream, deform_fixed_costs
 
 __all__ = [
     "KINDS",
@@ -38,6 +39,7 @@ __all__ = [
     "Guide",
     "Patches",
     "Positions",
+    "SampledPatches",
     "StreamKind",
     "StreamSpec",
     "default_streams",
@@ -58,6 +60,7 @@ class StreamKind:
             (one column per output location) or ``""`` (no tensor).
         side: given to the call as the keyword tensor ``name=`` (the input's patches are not).
         where: how its tensor relates to the call, for error messages.
+        selectable: ``inputs=`` may name it (the sampled patches are chosen by ``offsets=``).
 
     """
 
@@ -66,6 +69,7 @@ class StreamKind:
     grid: ClassVar[str] = "input"
     side: ClassVar[bool] = True
     where: ClassVar[str] = ""
+    selectable: ClassVar[bool] = True
 
     def sources(self, input: Tensor, side: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
         """The call's tensors this kind reads, batched (``arity`` of them)."""
@@ -219,8 +223,114 @@ class Positions(StreamKind):
         return {}, {}
 
 
-# Every kind a call can stream, by the name ``inputs=`` gives it, in the order the docs list them.
-KINDS: dict[str, StreamKind] = {k.name: k for k in (Patches(), Features(), Guide(), Positions())}
+@dataclass(frozen=True)
+class SampledPatches(StreamKind):
+    """The input's *sampled* patches (deformable convolution): rows ``(B, C * prod(kernel_size))`` in
+    ``F.unfold`` order, read at the offsets' positions (:class:`~chunkconv.sampling.DeformPatchStream`).
+
+    In place of :class:`Patches` when a call has ``offsets=``: what the kernel form contracts and
+    what a generator taking ``"patches"`` receives. Its sources are the input, the canonical
+    offsets ``(N, G, K, d, *out)`` and, when ``masked``, the mask ``(N, G, K, *out)``; all three
+    get gradients. ``grads``: which of them need one (for the planner's fixed costs).
+    """
+
+    name: ClassVar[str] = "sampled patches"
+    side: ClassVar[bool] = False
+    selectable: ClassVar[bool] = False
+    where: ClassVar[str] = "the input, sampled at the offsets"
+
+    groups: int = 1
+    masked: bool = False
+    rule: str = "torchvision"
+    grads: tuple[bool, ...] = (False, False, False)
+
+    @property
+    def arity(self) -> int:  # type: ignore[override]
+        """The input and the offsets, and the mask when there is one."""
+        return 3 if self.masked else 2
+
+    def sources(self, input: Tensor, side: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """The input, the canonical offsets and (when ``masked``) the mask."""
+        return (input, side["offsets"], side["mask"]) if self.masked else (input, side["offsets"])
+
+    def open(
+        self,
+        spec: StreamSpec,
+        sources: Sequence[Tensor],
+        geom: ConvGeometry,
+        grads: Sequence[bool],
+        like: Tensor,
+        layout: str = "rows",
+    ) -> Stream:
+        """A :class:`~chunkconv.sampling.DeformPatchStream` whose ``grad()`` returns all three gradients."""
+        mask = sources[2] if self.masked else None
+        stream = DeformPatchStream(
+            sources[0],
+            sources[1],
+            mask,
+            geom,
+            rule=self.rule,
+            input_grad=grads[0],
+            offset_grad=grads[1],
+            mask_grad=self.masked and grads[2],
+            layout=layout,
+        )
+        # the executor hands what grad() returns to split_grad untouched (typed as the protocol's)
+        return cast(Stream, _AllGrads(stream))
+
+    def split_grad(self, grad: object) -> tuple[Tensor | None, ...]:
+        """The input's, the offsets' (and the mask's) gradients from the stream's tuple."""
+        if grad is None:
+            return (None,) * self.arity
+        assert isinstance(grad, tuple)
+        return tuple(grad[: self.arity])
+
+    def probe_sources(self, spec: StreamSpec, probe: ConvGeometry, dtype: torch.dtype, device: torch.device) -> list:
+        """A random input, random canonical offsets and (when ``masked``) a random mask in ``[0, 1)``."""
+        k, d, out = probe.kernel_numel, probe.ndim, probe.out_spatial
+        sources = [
+            torch.randn((1, spec.channels, *probe.in_spatial), dtype=dtype, device=device),
+            torch.randn((1, self.groups, k, d, *out), dtype=dtype, device=device),
+        ]
+        if self.masked:
+            sources.append(torch.rand((1, self.groups, k, *out), dtype=dtype, device=device))
+        return sources
+
+    def fixed_costs(self, spec: StreamSpec, geom: ConvGeometry, item: int) -> tuple[dict[str, int], dict[str, int]]:
+        """The sampler's buffers (:func:`~chunkconv.sampling.deform_fixed_costs`)."""
+        dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[item]
+        want = self.grads if spec.requires_grad else (False, False, False)
+        return deform_fixed_costs(
+            geom, self.groups, dtype, input_grad=want[0], offset_grad=want[1], mask_grad=self.masked and want[2]
+        )
+
+    def per_location_bytes(self, geom: ConvGeometry, item: int) -> int:
+        """Bytes of offsets (and mask) one output location reads (streamed like features)."""
+        return self.groups * geom.kernel_numel * (geom.ndim + int(self.masked)) * item
+
+
+class _AllGrads:
+    """A :class:`DeformPatchStream` whose ``grad()`` returns all three gradients (input, offsets,
+    mask), which :meth:`SampledPatches.split_grad` hands back to the sources.
+    """
+
+    def __init__(self, stream: DeformPatchStream) -> None:
+        self.stream = stream
+        self.requires_grad = stream.requires_grad
+
+    def gather(self, chunk: ChunkIndex) -> Tensor:
+        return self.stream.gather(chunk)
+
+    def add_grad(self, chunk: ChunkIndex, grad: Tensor) -> None:
+        self.stream.add_grad(chunk, grad)
+
+    def grad(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.stream.grads()
+
+
+# Every kind a call can stream, by its name (for the selectable ones, the name ``inputs=`` gives
+# it), in the order the docs list them.
+KINDS: dict[str, StreamKind] = {k.name: k for k in (Patches(), Features(), Guide(), Positions(), SampledPatches())}
 
 
 @dataclass(frozen=True)
@@ -243,13 +353,22 @@ class StreamSpec:
 
 
 def describe_streams(
-    inputs: Sequence[str], in_channels: int, input_grad: bool, side: Mapping[str, tuple[int, bool]]
+    inputs: Sequence[str],
+    in_channels: int,
+    input_grad: bool,
+    side: Mapping[str, tuple[int, bool]],
+    sampled: SampledPatches | None = None,
 ) -> tuple[StreamSpec, ...]:
     """The call's streams: the input's patches first, then each other kind ``inputs`` names, in order.
 
-    ``side`` maps a side input's name to its ``(channels, requires_grad)``.
+    ``side`` maps a side input's name to its ``(channels, requires_grad)``; ``sampled`` (a call
+    with offsets) takes the place of the plain patches, needing a gradient when any of its
+    sources does.
     """
-    specs = [StreamSpec(KINDS["patches"], in_channels, input_grad)]
+    first = StreamSpec(KINDS["patches"], in_channels, input_grad)
+    if sampled is not None:
+        first = StreamSpec(sampled, in_channels, any(sampled.grads[: sampled.arity]))
+    specs = [first]
     for name in inputs:
         kind = KINDS[name]
         if isinstance(kind, Patches):
