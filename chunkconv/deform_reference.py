@@ -148,8 +148,10 @@ def deform_sample_reference(
             taps in ``F.unfold``'s row-major order, coordinates slowest spatial dim first (2-D:
             ``(dy, dx)``). Offset group ``g`` covers input channels ``[g * C / G, (g + 1) * C / G)``.
         mask: ``(N, G, K, *out)`` or None.
-        kernel_size, stride, padding, dilation: an int or one per spatial dim (padding
-            symmetric, zeros only).
+        kernel_size: an int or one per spatial dim.
+        stride: an int or one per spatial dim.
+        padding: an int or one per spatial dim (symmetric, zeros only).
+        dilation: an int or one per spatial dim.
         rule: the gradient rule (:data:`GRADIENT_RULES`). Default: ``"torchvision"``.
 
     Returns:
@@ -209,7 +211,9 @@ def deform_conv_reference(
         offset: ``(N, G * K * d, *out)``.
         weight: ``(O, C // groups, *kernel_size)``; ``groups = C // weight.shape[1]``.
         bias: ``(O,)`` or None.
-        stride, padding, dilation: an int or one per spatial dim (padding symmetric).
+        stride: an int or one per spatial dim.
+        padding: an int or one per spatial dim (symmetric, zeros).
+        dilation: an int or one per spatial dim.
         mask: ``(N, G * K, *out)`` or None (DCNv1 when None, DCNv2 otherwise).
         rule: the gradient rule (:data:`GRADIENT_RULES`). Default: ``"torchvision"``.
 
@@ -324,9 +328,16 @@ def dcnv3_core_reference(
         input: channels-last ``(N, H, W, G * D)``.
         offset: ``(N, Ho, Wo, G * K' * 2)``, ``(x, y)`` per tap.
         mask: ``(N, Ho, Wo, G * K')``.
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w: the
-            geometry (padding symmetric, zeros).
-        group, group_channels: ``G`` and ``D``.
+        kernel_h: the kernel's height.
+        kernel_w: the kernel's width.
+        stride_h: the vertical stride.
+        stride_w: the horizontal stride.
+        pad_h: the vertical padding (symmetric, zeros).
+        pad_w: the horizontal padding (symmetric, zeros).
+        dilation_h: the vertical dilation.
+        dilation_w: the horizontal dilation.
+        group: ``G``, the number of groups.
+        group_channels: ``D``, the channels per group.
         offset_scale: the scale of the offsets and the taps around the window's centre.
         remove_center: skip the centre tap (odd kernels only). Default: False.
 
@@ -379,13 +390,13 @@ def dcnv4_core_reference(
     :func:`dcnv3_core_reference`'s sampling and sum, with the offsets and the mask packed in one
     tensor: per group ``g``, ``offset_mask[..., g * 3K' : g * 3K' + 2K']`` are the ``(x, y)``
     offsets of the ``K'`` taps and the next ``K'`` entries their mask; the last dimension is
-    padded to a multiple of 8, the padding ignored.
+    padded to a multiple of 8, the padding ignored. The geometry (``kernel_h`` to
+    ``group_channels``), ``offset_scale`` and ``remove_center`` are as for
+    :func:`dcnv3_core_reference`.
 
     Args:
         input: channels-last ``(N, H, W, G * D)``.
         offset_mask: ``(N, Ho, Wo, ceil(G * 3K' / 8) * 8)``.
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-            group_channels, offset_scale, remove_center: as for :func:`dcnv3_core_reference`.
 
     Returns:
         ``(N, Ho, Wo, G * D)``.

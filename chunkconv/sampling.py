@@ -111,7 +111,9 @@ def deform_fixed_costs(
         geom: the convolution's geometry.
         groups: the number of offset groups ``G``.
         dtype: the input's dtype.
-        input_grad, offset_grad, mask_grad: the gradients backward accumulates.
+        input_grad: whether backward accumulates the input's gradient.
+        offset_grad: whether backward accumulates the offsets' gradient.
+        mask_grad: whether backward accumulates the mask's gradient.
 
     Returns:
         ``(forward, backward)``, bytes by name.
@@ -148,7 +150,9 @@ class DeformPatchStream:
         geom: the convolution's geometry (``pads[a][0]`` is the left padding of axis ``a``).
         rule: the gradient rule, ``"torchvision"`` or ``"strict"`` (DCNv3/DCNv4); see
             :mod:`chunkconv.deform_reference`. Default: ``"torchvision"``.
-        input_grad, offset_grad, mask_grad: which gradients backward accumulates.
+        input_grad: whether backward accumulates the input's gradient.
+        offset_grad: whether backward accumulates the offsets' gradient.
+        mask_grad: whether backward accumulates the mask's gradient.
         layout: one of :data:`~chunkconv.gather.PATCH_LAYOUTS`, as for
             :class:`~chunkconv.gather.PatchStream`: ``"rows"`` (a contiguous ``(B, C * K)``) or
             ``"columns"`` (the transpose of a contiguous ``(C * K, B)``). Default: ``"rows"``.
