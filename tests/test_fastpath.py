@@ -257,7 +257,8 @@ def test_bytes_per_patch_for_the_planner():
     geom = _spec(c=16, o=16).geometry((1, 16, 8, 8))
     f32 = fast_path_bytes_per_patch(geom, 32, torch.float32)
     assert f32.order == "patch_first"
-    assert f32.forward == (144 + 32 + 16 * 32 + 2 * 16) * 4
+    # patches, h, T = x @ [W | c] with the bias folded in as an (H + 1)-th feature, h' = [h, 1], output
+    assert f32.forward == (144 + 32 + 16 * 33 + 33 + 2 * 16) * 4
     assert f32.backward > f32.forward
     assert fast_path_bytes_per_patch(geom, 32, torch.bfloat16).forward * 2 == f32.forward
     weights = fast_path_bytes_per_patch(geom, 32, torch.float32, "weights")

@@ -87,8 +87,8 @@ class LinearTailStep:
 
     @property
     def patch_layout(self) -> str:
-        """Patch rows: the body (the generator's first layers) receives them."""
-        return "rows"  # the body (the generator's first layers) receives the patches
+        """Columns where the body computes the same from them (or does not take the patches), else rows."""
+        return "columns" if self.source != 0 or self.tail.body_takes_columns else "rows"
 
     @property
     def backend(self) -> Backend:
@@ -141,6 +141,7 @@ class _BoundLinearTail:
         self.prepared = step.backend.prepare(weight, bias, step.geom, step.order)
         self.body_leaves = [p for p in body_params if p.requires_grad]
         self.prepared_leaves = [t for t in self.prepared if t is not None and t.requires_grad]
+        self.workspace: dict[str, Tensor] = {}  # the backend's buffers, reused by this call's chunks
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -149,7 +150,7 @@ class _BoundLinearTail:
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         step, patches = self.step, rows[0]
         h = _hidden(self.body, rows[step.source], step.tail)
-        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order)
+        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order, self.workspace)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         n = len(self.body_leaves)
