@@ -54,9 +54,9 @@ class TorchBackend:
         if order == "patch_first":
             w = w4.permute(0, 2, 1, 3)  # (G, Pg, Og, H)
             if bias is not None:  # folded in as an (H + 1)-th hidden feature that is always 1
-                c = bias.view(g, og, pg).transpose(1, 2).unsqueeze(-1).to(w.dtype)
+                folded = bias.view(g, og, pg).transpose(1, 2).unsqueeze(-1).to(w.dtype)
                 with torch.autocast(weight.device.type, enabled=False):  # a layout change, not an op to cast
-                    w = torch.cat([w, c], dim=-1)
+                    w = torch.cat([w, folded], dim=-1)
             return w.reshape(g, pg, -1), None
         w = w4.permute(0, 3, 2, 1).reshape(g, -1, og)  # hidden_first
         c = None if bias is None else bias.view(g, og, pg).transpose(1, 2)
