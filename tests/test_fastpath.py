@@ -386,7 +386,7 @@ def test_budget_check_script_reports_peaks_within_the_budget(path, capsys, monke
     assert ": within" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- patch layout and reused buffers
+# ---------------------------------------------------------------- patch layout
 
 
 @pytest.mark.parametrize(
@@ -408,7 +408,7 @@ def test_layout_free_bodies_read_columns_and_match_the_reference(body, layout, g
     assert build_step(gen, tuple(dict(gen.named_parameters())), choice, geom).patch_layout == layout
     if grad:
         _check(gen, spec, (2, 3, 6, 7), chunk_size=9)
-    else:  # no-grad chunks GEMM into buffers reused across chunks: the last, shorter chunk included
+    else:  # inference: chunks of 9 patches, the last one shorter
         x = torch.randn(2, 3, 6, 7, dtype=F64)
         with torch.no_grad():
             y = chunkconv.dynamic_conv(x, gen, chunk_size=9, path="fast", **_kwargs(spec))

@@ -12,7 +12,6 @@ and ``c`` once per call (:meth:`prepare`); and contracts one chunk (:meth:`contr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -70,18 +69,12 @@ class TorchBackend:
         bias: Tensor | None,
         geom: ConvGeometry,
         order: str,
-        workspace: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """One chunk's output ``(B, O)`` from patches ``(B, P)``, ``h`` ``(B, H)`` and prepared ``W``, ``c``.
-
-        ``workspace``: buffers kept across one call's chunks, used where no gradient is recorded
-        (``out=`` GEMMs into the same memory instead of a fresh allocation per chunk, which costs
-        page faults on the CPU); ``None`` allocates per chunk.
-        """
+        """One chunk's output ``(B, O)`` from patches ``(B, P)``, ``h`` ``(B, H)`` and prepared ``W``, ``c``."""
         if order == "weights":
             return contract(F.linear(h, weight, bias), patches, geom)
         if order == "patch_first":
-            return _patch_first(patches, h, weight, geom, workspace)
+            return _patch_first(patches, h, weight, geom)
         rows, g = patches.shape[0], geom.groups
         pg = geom.patch_size // g
         outs = []
@@ -95,53 +88,19 @@ class TorchBackend:
         return outs[0] if g == 1 else torch.cat(outs, dim=1)
 
 
-def _patch_first(
-    patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry, workspace: dict[str, Tensor] | None
-) -> Tensor:
+def _patch_first(patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry) -> Tensor:
     """``T = x_g @ W_g`` ``(B, Og, H')``, then ``T . h'`` per row, for :meth:`TorchBackend.prepare`'s ``W``.
 
-    ``H' = H + 1`` when the bias is folded into ``W`` (``h' = [h, 1]``). Without autograd or autocast, ``T``,
-    ``h'`` and the output go into ``workspace``'s buffers, grown as needed and reused by later chunks.
+    ``H' = H + 1`` when the bias is folded into ``W`` (``h' = [h, 1]``), ``H' = H`` without one.
     """
     rows, g = patches.shape[0], geom.groups
     og, pg = geom.out_channels // g, geom.patch_size // g
     width = weight.shape[-1] // og  # H'
-    recorded = torch.is_grad_enabled() and (patches.requires_grad or weight.requires_grad or h.requires_grad)
-    # out= takes no part in autograd, nor in autocast (which would cast the inputs, not the buffer)
-    reuse = workspace is not None and not recorded and not torch.is_autocast_enabled(patches.device.type)
-    if width == h.shape[1]:
-        h1 = h
-    elif reuse:
-        assert workspace is not None
-        h1 = _buffer(workspace, "h1", (rows, width), h)
-        h1[:, -1] = 1
-        h1[:, :-1].copy_(h)
-    else:
-        h1 = torch.cat([h, h.new_ones(rows, 1)], dim=1)
+    h1 = h if width == h.shape[1] else torch.cat([h, h.new_ones(rows, 1)], dim=1)
     h1 = h1.unsqueeze(-1)  # (B, H', 1)
-    if not reuse:
-        outs = [torch.bmm((patches[:, k * pg : (k + 1) * pg] @ weight[k]).view(rows, og, width), h1) for k in range(g)]
-        out = outs[0] if g == 1 else torch.cat(outs, dim=1)
-        return out.view(rows, geom.out_channels)
-    assert workspace is not None
-    t = _buffer(workspace, "t", (rows, og * width), patches)
-    out = patches.new_empty(rows, geom.out_channels, 1)  # returned: the caller keeps it
-    for k in range(g):
-        torch.mm(patches[:, k * pg : (k + 1) * pg], weight[k], out=t)
-        if g == 1:
-            torch.bmm(t.view(rows, og, width), h1, out=out)
-        else:
-            out[:, k * og : (k + 1) * og] = torch.bmm(t.view(rows, og, width), h1)
+    outs = [torch.bmm((patches[:, k * pg : (k + 1) * pg] @ weight[k]).view(rows, og, width), h1) for k in range(g)]
+    out = outs[0] if g == 1 else torch.cat(outs, dim=1)
     return out.view(rows, geom.out_channels)
-
-
-def _buffer(workspace: dict[str, Tensor], name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A ``shape`` view of ``workspace[name]``, replaced by a larger one when it is too small."""
-    numel = math.prod(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
 
 
 @dataclass(frozen=True)
@@ -175,7 +134,6 @@ class TritonBackend:
         bias: Tensor | None,
         geom: ConvGeometry,
         order: str,
-        workspace: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """One chunk's output ``(B, O)`` from the fused kernels."""
         from .kernels import triton_contract

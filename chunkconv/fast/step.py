@@ -141,7 +141,6 @@ class _BoundLinearTail:
         self.prepared = step.backend.prepare(weight, bias, step.geom, step.order)
         self.body_leaves = [p for p in body_params if p.requires_grad]
         self.prepared_leaves = [t for t in self.prepared if t is not None and t.requires_grad]
-        self.workspace: dict[str, Tensor] = {}  # the backend's buffers, reused by this call's chunks
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -150,7 +149,7 @@ class _BoundLinearTail:
     def __call__(self, rows: Sequence[Tensor]) -> Tensor:
         step, patches = self.step, rows[0]
         h = _hidden(self.body, rows[step.source], step.tail)
-        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order, self.workspace)
+        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         n = len(self.body_leaves)
