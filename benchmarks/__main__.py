@@ -1,6 +1,7 @@
 """Command line: ``python -m benchmarks [run] ...`` measures; ``python -m benchmarks report ...`` renders;
 ``python -m benchmarks layers ...`` measures published layers against their direct implementations;
 ``python -m benchmarks tiled ...`` measures ``chunkconv.tiled`` against the model in memory.
+``python -m benchmarks roofline ...`` measures the fraction of the machine's GEMM rate reached.
 
 Examples::
 
@@ -11,6 +12,7 @@ Examples::
     python -m benchmarks layers --quick                              # seconds
     python -m benchmarks layers --repeats 3 --name cpu-layers        # KPN, PAC, PSF, involution, DCN mask
     python -m benchmarks tiled                                       # tiled over Zarr vs in memory
+    python -m benchmarks roofline --repeats 5                        # CPU-A and two shapes vs sgemm
 
 ``run`` writes ``OUT/NAME.json`` (rewritten after every case), ``OUT/NAME.md`` and, with matplotlib,
 ``OUT/NAME.png``. ``report`` turns one or more run JSONs into one Markdown page, plots next to it in
@@ -117,6 +119,18 @@ def _layers_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="file stem (default: cpu-layers-DATE)")
 
 
+def _roofline_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "roofline", help="the fraction of the machine's GEMM rate each path reaches (benchmarks/roofline.py)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and a small GEMM (seconds)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds after the warm-up (default: 5)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "results", help="output folder (default: $OUT or results)")
+    p.add_argument("--name", help="file stem (default: DEVICE-roofline-DATE)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     methods = None
     if args.methods:
@@ -176,7 +190,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report", "layers", "tiled", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "report", "layers", "tiled", "roofline", "-h", "--help"):
         argv.insert(0, "run")
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tiled import main_tiled, tiled_parser
 
     tiled_parser(sub)
+    _roofline_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "layers":
         from .layers_cpu import main_layers
@@ -195,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return main_layers(args)
     if args.command == "tiled":
         return main_tiled(args)
+    if args.command == "roofline":
+        from .roofline import main_roofline
+
+        return main_roofline(args)
     return _cmd_run(args) if args.command == "run" else _cmd_report(args)
 
 

@@ -14,5 +14,7 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 if ! python -c "import matplotlib" 2>/dev/null; then
     echo "matplotlib not installed (pip install -e '.[plot]'): JSON and Markdown only" >&2
 fi
+# the fraction of cuBLAS's float32 rate (TF32 off) each path reaches, forward and training step
+python -m benchmarks roofline --device cuda --repeats 5 --out "$out" --name cuda-roofline
 python -m benchmarks run --device cuda --suite all --dtype float32,bfloat16 --repeats 5 --max-seconds 10 \
     --time-limit "${TIME_LIMIT:-420}" --out "$out" --name cuda-all "$@"

@@ -451,6 +451,10 @@ def render_page(runs: list[tuple[dict, str | None]], command: str) -> str:
         if doc.get("suite") == "layers":
             parts.append(render_layers_run(doc, intro=intro))
             intro = False
+        elif doc.get("suite") == "roofline":
+            from .roofline import render_roofline_run
+
+            parts.append(render_roofline_run(doc))
         else:
             parts.append(render_run(doc, image))
     if not any(doc["device"].startswith("cuda") for doc, _ in runs):

@@ -130,3 +130,31 @@ def test_smoke_run_on_cuda(tmp_path):
     doc = run(settings, tmp_path / "run.json", log=lambda _: None)
     assert doc["machine"]["gpu"] and not doc["isolated"]
     assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in doc["measurements"]), doc["measurements"]
+
+
+def test_roofline_quick_run_writes_fractions_of_the_gemm_rate(tmp_path, capsys):
+    from benchmarks.roofline import QUICK_WORKLOADS, forward_flops
+
+    out = tmp_path / "rl"
+    assert main(["roofline", "--quick", "--repeats", "1", "--threads", "1", "--out", str(out), "--name", "rl"]) == 0
+    doc = json.loads((out / "rl.json").read_text())
+    assert doc["suite"] == "roofline" and len(doc["records"]) == len(QUICK_WORKLOADS) * 2 * 2
+    for r in doc["records"]:
+        assert r["forward_flops"] == forward_flops(
+            Workload(
+                **{
+                    k: r["workload"][k]
+                    for k in ("name", "batch", "channels", "size", "out_channels", "hidden", "kernel")
+                }
+            )
+        )
+        assert r["seconds"] > 0 and 0 < r["useful_fraction"] <= r["executed_fraction"]
+    assert "| workload | GFLOP / fwd |" in (out / "rl.md").read_text()
+
+
+def test_forward_flops_is_the_body_plus_the_bilinear_contraction():
+    from benchmarks.roofline import forward_flops
+
+    cpu_a = ANCHORS["CPU-A"]  # the count: 20.5 GFLOP
+    assert forward_flops(cpu_a) == 2 * 65536 * (2 * 144 * 32 + 2 * 144 * 16 * 32)
+    assert round(forward_flops(cpu_a) / 1e9, 1) == 20.5

@@ -257,7 +257,8 @@ def test_bytes_per_patch_for_the_planner():
     geom = _spec(c=16, o=16).geometry((1, 16, 8, 8))
     f32 = fast_path_bytes_per_patch(geom, 32, torch.float32)
     assert f32.order == "patch_first"
-    assert f32.forward == (144 + 32 + 16 * 32 + 2 * 16) * 4
+    # patches, h, T = x @ [W | c] with the bias folded in as an (H + 1)-th feature, h' = [h, 1], output
+    assert f32.forward == (144 + 32 + 16 * 33 + 33 + 2 * 16) * 4
     assert f32.backward > f32.forward
     assert fast_path_bytes_per_patch(geom, 32, torch.bfloat16).forward * 2 == f32.forward
     weights = fast_path_bytes_per_patch(geom, 32, torch.float32, "weights")
@@ -383,3 +384,33 @@ def test_budget_check_script_reports_peaks_within_the_budget(path, capsys, monke
     result = _load_script("budget_check", monkeypatch).main(["--size", "24", "--budget", "4MB", "--path", path])
     assert max(result["forward_peak"], result["backward_peak"]) <= result["budget"] == 4_000_000
     assert ": within" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- patch layout
+
+
+@pytest.mark.parametrize(
+    "body, layout",
+    [
+        (lambda p: nn.Sequential(nn.Linear(p, 5), nn.GELU(), nn.Dropout(0.0), nn.Linear(5, 5)), "columns"),
+        (lambda p: nn.Sequential(nn.Linear(p, 5), nn.LayerNorm(5)), "rows"),  # not in the layout-free set
+        (lambda p: None, "columns"),  # a bare nn.Linear generator
+    ],
+)
+@pytest.mark.parametrize("grad", [True, False])
+def test_layout_free_bodies_read_columns_and_match_the_reference(body, layout, grad):
+    spec = _spec(2, c=3, o=4, k=3, padding=1)
+    p, w = _patch(spec), _weight_numel(spec)
+    b = body(p)
+    gen = (nn.Linear(p, w) if b is None else nn.Sequential(*b, nn.Linear(5, w))).double()
+    geom = spec.geometry((2, 3, 6, 7))
+    choice = choose_path(gen, geom, F64, "fast")
+    assert build_step(gen, tuple(dict(gen.named_parameters())), choice, geom).patch_layout == layout
+    if grad:
+        _check(gen, spec, (2, 3, 6, 7), chunk_size=9)
+    else:  # inference: chunks of 9 patches, the last one shorter
+        x = torch.randn(2, 3, 6, 7, dtype=F64)
+        with torch.no_grad():
+            y = chunkconv.dynamic_conv(x, gen, chunk_size=9, path="fast", **_kwargs(spec))
+            expected = chunkconv.dynamic_conv_reference(x, gen, **_kwargs(spec))
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

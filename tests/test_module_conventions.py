@@ -174,8 +174,11 @@ def test_channels_last_input_equals_contiguous_and_is_gathered_in_place(monkeypa
     xl = x.to(memory_format=torch.channels_last)
     assert not xl.is_contiguous()
     sources = []
-    gather = chunkconv.gather.gather_patches
-    monkeypatch.setattr(chunkconv.gather, "gather_patches", lambda src, *a: (sources.append(src), gather(src, *a))[1])
+    for name in ("gather_patches", "gather_patch_columns"):  # rows, or F.unfold's columns (fast path)
+        gather = getattr(chunkconv.gather, name)
+        monkeypatch.setattr(
+            chunkconv.gather, name, lambda src, *a, gather=gather: (sources.append(src), gather(src, *a))[1]
+        )
     x1, x2 = x.clone().requires_grad_(), xl.clone().requires_grad_()
     y1, y2 = conv(x1), conv(x2)
     assert torch.equal(y1, y2)

@@ -83,6 +83,46 @@ class LinearTail:
         """The width ``H`` of ``h``: the last Linear's ``in_features``."""
         return self.linear.in_features
 
+    @property
+    def body_takes_columns(self) -> bool:
+        """Whether the body computes the same from a non-contiguous (transposed) patch tensor.
+
+        True for no body and for an ``nn.Sequential`` of exact ``nn.Linear``, element-wise
+        activations, ``nn.Dropout`` and ``nn.Identity`` without hooks: none of them reads
+        strides (``view``) or depends on the layout. The fast path then reads the patches in
+        ``F.unfold``'s column layout, copied in long contiguous runs (see :mod:`.gather`).
+        """
+        if self.body is None:
+            return True
+        modules = list(self.body) if type(self.body) is nn.Sequential else [self.body]
+        return all(type(m) in _LAYOUT_FREE and not _hooked(m) for m in modules)
+
+
+# Modules whose forward works on a tensor of any strides and gives the same values (exact types).
+_LAYOUT_FREE: frozenset[type] = frozenset(
+    {
+        nn.Linear,
+        nn.Identity,
+        nn.Dropout,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.PReLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.Softplus,
+        nn.Hardtanh,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+    }
+)
+
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
@@ -206,7 +246,9 @@ def fast_path_bytes_per_patch(
         order = choose_order(geom, hidden, dtype).order
     o, h, p = geom.out_channels, hidden, geom.patch_size
     pg = p // geom.groups
-    inter = {"weights": o * pg, "patch_first": o * h, "hidden_first": h * p}[order]
+    # patch_first folds the bias in as an extra hidden feature: T has O * (H + 1) values, and
+    # h' = [h, 1] is a copy of h (counted whether or not there is a bias: an over-count of O + 1)
+    inter = {"weights": o * pg, "patch_first": o * (h + 1) + h + 1, "hidden_first": h * p}[order]
     # forward: patches, h, intermediate, output (+ bias term's output)
     forward = p + h + inter + 2 * o
     # backward: patches and their gradient (two partial gradients summed), h and its gradient,

@@ -40,8 +40,10 @@ class TorchBackend:
         """``W`` and ``c`` laid out once per call for ``order``'s GEMMs (differentiable).
 
         ``W`` is ``(O * Pg, H)`` with rows ``(o, p')``, viewed as ``(G, Og, Pg, H)``. ``"patch_first"``
-        takes ``(G, Pg, Og * H)``, ``"hidden_first"`` ``(G, H * Pg, Og)``; the bias term takes ``c`` as
-        ``(G, Pg, Og)``. ``"weights"`` takes ``W`` and ``c`` as they are.
+        takes ``(G, Pg, Og * H')``, with ``c`` folded in as an extra hidden feature (``H' = H + 1``,
+        the feature always 1; ``H' = H`` without a bias): one GEMM computes both terms, and no
+        bias is returned. ``"hidden_first"`` takes ``(G, H * Pg, Og)`` and ``c`` as ``(G, Pg, Og)``.
+        ``"weights"`` takes ``W`` and ``c`` as they are.
         """
         if order == "weights":
             return weight, bias
@@ -49,33 +51,56 @@ class TorchBackend:
         og, pg = geom.out_channels // g, geom.patch_size // g
         w4 = weight.view(g, og, pg, -1)
         if order == "patch_first":
-            w = w4.permute(0, 2, 1, 3).reshape(g, pg, -1)
-        else:  # hidden_first
-            w = w4.permute(0, 3, 2, 1).reshape(g, -1, og)
+            w = w4.permute(0, 2, 1, 3)  # (G, Pg, Og, H)
+            if bias is not None:  # folded in as an (H + 1)-th hidden feature that is always 1
+                folded = bias.view(g, og, pg).transpose(1, 2).unsqueeze(-1).to(w.dtype)
+                with torch.autocast(weight.device.type, enabled=False):  # a layout change, not an op to cast
+                    w = torch.cat([w, folded], dim=-1)
+            return w.reshape(g, pg, -1), None
+        w = w4.permute(0, 3, 2, 1).reshape(g, -1, og)  # hidden_first
         c = None if bias is None else bias.view(g, og, pg).transpose(1, 2)
         return w, c
 
     def contract(
-        self, patches: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry, order: str
+        self,
+        patches: Tensor,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        geom: ConvGeometry,
+        order: str,
     ) -> Tensor:
         """One chunk's output ``(B, O)`` from patches ``(B, P)``, ``h`` ``(B, H)`` and prepared ``W``, ``c``."""
         if order == "weights":
             return contract(F.linear(h, weight, bias), patches, geom)
+        if order == "patch_first":
+            return _patch_first(patches, h, weight, geom)
         rows, g = patches.shape[0], geom.groups
-        og, pg = geom.out_channels // g, geom.patch_size // g
+        pg = geom.patch_size // g
         outs = []
         for k in range(g):
             x = patches[:, k * pg : (k + 1) * pg]
-            if order == "patch_first":
-                t = (x @ weight[k]).view(rows, og, -1)  # (B, Og, H)
-                out = torch.bmm(t, h.unsqueeze(-1)).squeeze(-1)
-            else:  # hidden_first
-                outer = (h.unsqueeze(2) * x.unsqueeze(1)).reshape(rows, -1)  # (B, H * Pg)
-                out = outer @ weight[k]
+            outer = (h.unsqueeze(2) * x.unsqueeze(1)).reshape(rows, -1)  # (B, H * Pg)
+            out = outer @ weight[k]
             if bias is not None:
                 out = out + x @ bias[k]
             outs.append(out)
         return outs[0] if g == 1 else torch.cat(outs, dim=1)
+
+
+def _patch_first(patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry) -> Tensor:
+    """``T = x_g @ W_g`` ``(B, Og, H')``, then ``T . h'`` per row, for :meth:`TorchBackend.prepare`'s ``W``.
+
+    ``H' = H + 1`` when the bias is folded into ``W`` (``h' = [h, 1]``), ``H' = H`` without one.
+    """
+    rows, g = patches.shape[0], geom.groups
+    og, pg = geom.out_channels // g, geom.patch_size // g
+    width = weight.shape[-1] // og  # H'
+    h1 = h if width == h.shape[1] else torch.cat([h, h.new_ones(rows, 1)], dim=1)
+    h1 = h1.unsqueeze(-1)  # (B, H', 1)
+    outs = [torch.bmm((patches[:, k * pg : (k + 1) * pg] @ weight[k]).view(rows, og, width), h1) for k in range(g)]
+    out = outs[0] if g == 1 else torch.cat(outs, dim=1)
+    return out.view(rows, geom.out_channels)
 
 
 @dataclass(frozen=True)
@@ -102,7 +127,13 @@ class TritonBackend:
         return weight, bias
 
     def contract(
-        self, patches: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry, order: str
+        self,
+        patches: Tensor,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        geom: ConvGeometry,
+        order: str,
     ) -> Tensor:
         """One chunk's output ``(B, O)`` from the fused kernels."""
         from .kernels import triton_contract

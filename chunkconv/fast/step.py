@@ -87,8 +87,8 @@ class LinearTailStep:
 
     @property
     def patch_layout(self) -> str:
-        """Patch rows: the body (the generator's first layers) receives them."""
-        return "rows"  # the body (the generator's first layers) receives the patches
+        """Columns where the body computes the same from them (or does not take the patches), else rows."""
+        return "columns" if self.source != 0 or self.tail.body_takes_columns else "rows"
 
     @property
     def backend(self) -> Backend:
