@@ -132,6 +132,10 @@ def deform_fixed_costs(
         "offsets gradient": per_tap * d * op_item if offset_grad else 0,
         "mask gradient": per_tap * op_item if mask_grad else 0,
     }
+    if item < op_item and (offset_grad or mask_grad):
+        # the gradients' copies in their sources' dtype, made one after the other at the end of
+        # backward: the mask's fits where the offsets' accumulator was, the offsets' does not
+        backward["gradient copies in the input's dtype"] = per_tap * (d if offset_grad else 1) * item
     return forward, backward
 
 
@@ -354,13 +358,17 @@ class DeformPatchStream:
         where not asked for).
         """
         d = self.geom.ndim
-        off = None
+        grad = self.grad()
+        self._grad_src = None  # each accumulator goes once its gradient is out: the copies below
+        off = None  # (float16/bfloat16 sources) then reuse its memory, as the plan counts them
         if self._grad_off is not None:
             off = self._grad_off.permute(0, d + 1, d + 2, d + 3, *range(1, d + 1)).to(self._off_dtype)
+            self._grad_off = None
         mask = None
         if self._grad_mask is not None:
             mask = self._grad_mask.permute(0, d + 1, d + 2, *range(1, d + 1)).to(self._mask_dtype)
-        return self.grad(), off, mask
+            self._grad_mask = None
+        return grad, off, mask
 
 
 # -- layouts ---------------------------------------------------------------------------------
