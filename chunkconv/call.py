@@ -10,8 +10,9 @@ called (``op``) lives on the :class:`Call`, so messages name it without threadin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ from .checks import (
     check_sampling,
     check_side_inputs,
     check_static_weight,
+    input_kinds,
 )
 from .deform_reference import check_rule
 from .forms import FORMS, KernelForm, check_form, make_form
@@ -81,6 +83,20 @@ class CallOptions:
     progress: bool | None = None
     offset_groups: int | None = None
     sampling_rule: str = "torchvision"
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> CallOptions:
+        """The options among a public entry point's arguments (its ``locals()``), taken by field name.
+
+        ``dynamic_conv*``, ``plan`` and ``DynamicConv`` write the options out in their signatures
+        (for help and completion) and build them here, so a new option is one field plus one
+        keyword per signature; ``tests/test_signatures.py`` checks that the names and defaults
+        agree. ``inputs`` may be a bare kind, as torch takes an int for a tuple.
+        """
+        found = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
+        if "inputs" in found:
+            found["inputs"] = input_kinds(found["inputs"])
+        return cls(**found)
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)

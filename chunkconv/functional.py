@@ -18,7 +18,7 @@ from ._compile import opaque_to_compile
 from .autograd import DynamicConvFunction, ForwardContext
 from .budget import parse_budget
 from .call import Budget, Call, CallOptions, Generator, describe_call
-from .checks import check_input_type, check_transforms, input_kinds, module_effects_error, needs_effects_probe
+from .checks import check_input_type, check_transforms, module_effects_error, needs_effects_probe
 from .costs import PathChoice
 from .errors import UntrackedGradientError
 from .execute import ChunkStep, Executor, add_bias
@@ -481,18 +481,7 @@ def _functional(ndim: int | None, op: str) -> Callable[..., Tensor]:
         spec = conv_spec_for_input(
             input.shape, ndim, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op
         )
-        options = CallOptions(
-            budget=budget,
-            chunk_size=chunk_size,
-            allow_batch_coupled=allow_batch_coupled,
-            path=path,
-            kernel=kernel,
-            kernel_groups=kernel_groups,
-            inputs=input_kinds(inputs),
-            progress=progress,
-            offset_groups=offset_groups,
-            sampling_rule=sampling_rule,
-        )
+        options = CallOptions.from_arguments(locals())
         return apply_spec(
             input,
             generator,
@@ -591,17 +580,7 @@ def plan(
         generator,
         spec,
         bias,
-        CallOptions(
-            budget=budget,
-            chunk_size=chunk_size,
-            allow_batch_coupled=allow_batch_coupled,
-            path=path,
-            kernel=kernel,
-            kernel_groups=kernel_groups,
-            inputs=input_kinds(inputs),
-            offset_groups=offset_groups,
-            sampling_rule=sampling_rule,
-        ),
+        CallOptions.from_arguments(locals()),
         training=training,
         dtype=dtype,
         device=device,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .call import Budget, CallOptions
-from .checks import check_generator_callable, input_kinds
+from .checks import check_generator_callable
 from .forms import FORM_CLASSES, check_form
 from .functional import apply_spec, plan_spec
 from .geometry import conv_spec
@@ -142,18 +142,7 @@ class DynamicConv(nn.Module):
         self.generator = generator
         # one options object, checked now (not at the first forward); the settings that may change
         # between calls are properties that replace it (checked again then)
-        self.options = CallOptions(
-            budget=budget,
-            chunk_size=chunk_size,
-            allow_batch_coupled=allow_batch_coupled,
-            path=path,
-            kernel=kernel,
-            kernel_groups=kernel_groups,
-            inputs=input_kinds(inputs),
-            progress=progress,
-            offset_groups=offset_groups,
-            sampling_rule=sampling_rule,
-        )
+        self.options = CallOptions.from_arguments(locals())
         if offset_groups is not None and padding_mode != "zeros":
             raise ValueError(
                 "Deformable sampling pads with zeros only; expected padding_mode='zeros' with offset_groups, "
