@@ -59,3 +59,56 @@ def test_first_and_repeat_calls_stay_within_random_budgets(case, dtype, training
                 y.backward(upstream)
             assert bwd.peak <= budget, (call, "backward", bwd.peak / budget, conv.plan(x, training=training))
         del y
+
+
+class _WithFeatures(nn.Module):
+    """A generator of patches and per-location features (issue 21, item 7's case: 3-D, features)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, patches, features):
+        return self.body(torch.cat([patches, features], dim=1))
+
+
+@given(
+    case=conv_cases(ndims=(3,), allow_empty=False, max_batch=2),
+    features=st.integers(1, 4),
+    hidden=st.integers(1, 16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    training=st.booleans(),
+    factor=st.sampled_from([1.0, 1.001, 1.05, 1.5]),
+)
+def test_first_calls_with_features_in_3d_stay_within_budgets_at_the_minimum(
+    case, features, hidden, dtype, training, factor
+):
+    s = case.spec
+    p = s.in_channels * torch.Size(s.kernel_size).numel()
+    w = s.out_channels * s.in_channels // s.groups * torch.Size(s.kernel_size).numel()
+    gen = _WithFeatures(nn.Sequential(nn.Linear(p + features, hidden), nn.Tanh(), nn.Linear(hidden, w))).to(dtype)
+    x = torch.randn(case.input_shape, dtype=dtype, requires_grad=training)
+    args = dict(stride=s.stride, padding=s.padding, dilation=s.dilation, groups=s.groups, padding_mode=s.padding_mode)
+    args |= dict(inputs=("patches", "features"))
+    batched = x.shape if x.dim() == 5 else (1, *x.shape)
+    out = s.geometry(batched).out_spatial
+    f = torch.randn(*x.shape[:-4], features, *out, dtype=dtype, requires_grad=training)
+    minimum = chunkconv.plan(x, copy.deepcopy(gen), s.out_channels, s.kernel_size, budget=2**40,
+                             training=training, features=f, **args).minimum_budget  # fmt: skip
+    budget = int(minimum * factor)
+    conv = chunkconv.DynamicConv(gen, s.in_channels, s.out_channels, s.kernel_size, bias=case.bias, budget=budget,
+                                 dtype=dtype, **args)  # fmt: skip
+    for call in ("first", "repeat"):
+        with torch.set_grad_enabled(training), MemoryTracker() as fwd:
+            y = conv(x, features=f)
+        assert fwd.peak <= budget, (call, "forward", fwd.peak / budget, conv.plan(x, training=training, features=f))
+        if training:
+            with MemoryTracker() as bwd:
+                y.backward(torch.randn_like(y))
+            assert bwd.peak <= budget, (
+                call,
+                "backward",
+                bwd.peak / budget,
+                conv.plan(x, training=training, features=f),
+            )
+        del y
