@@ -49,7 +49,10 @@ Overhead (CPU): under 1 ms to enter; each op inside the block runs a few microse
 profiler records it); exit costs roughly 10 us per allocation or free made in the block (the
 profiler's post-processing plus the replay in Python): 0.6 s after 10,000 tiny ops that made
 60,000 of them, milliseconds after a chunked convolution. Fine for measuring, too slow to leave on
-in a training loop.
+in a training loop. Host memory: the profiler keeps a record of every op until the tracker exits,
+and building the event tree at exit takes about 10 KB per op (1 GB after 80,000 tiny ops): a
+block of millions of ops (a convolution run one patch per chunk over a large image, thousands of
+training steps) can exhaust the machine. Measure one call or one step, not a loop.
 
 Limits (CPU):
 
