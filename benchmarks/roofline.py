@@ -39,7 +39,7 @@ from .measure import set_tf32
 from .runner import machine_info
 from .workloads import ANCHORS, Workload
 
-__all__ = ["ROOFLINE_WORKLOADS", "forward_flops", "gemm_rate", "render_roofline_run", "run_roofline"]
+__all__ = ["ROOFLINE_WORKLOADS", "first_call", "forward_flops", "gemm_rate", "render_roofline_run", "run_roofline"]
 
 GEMM_SHAPE = (4096, 1024, 4608)  # M, K, N: the issue's reference sgemm
 
@@ -50,7 +50,7 @@ ROOFLINE_WORKLOADS: tuple[Workload, ...] = (
 )
 
 QUICK_WORKLOADS: tuple[Workload, ...] = (
-    Workload("quick", batch=1, channels=2, size=12, out_channels=3, hidden=4),
+    Workload("quick", batch=1, channels=2, size=12, out_channels=2, hidden=4),
     Workload("quick k5", batch=1, channels=2, size=12, out_channels=3, hidden=4, kernel=5),
 )
 
@@ -121,6 +121,38 @@ class _Layer:
         self.generator.zero_grad(set_to_none=True)
 
 
+def _stack(wl: Workload, depth: int, device: torch.device) -> nn.Module:
+    """A fresh model of ``depth`` layers of ``wl`` (in = out channels), with fresh generators: no plan cached."""
+    if wl.channels != wl.out_channels:
+        raise ValueError(f"Expected a workload with out_channels == channels to stack, got {wl}.")
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        p = wl.patch_size
+        gen = nn.Sequential(nn.Linear(p, wl.hidden), nn.ReLU(), nn.Linear(wl.hidden, wl.weight_numel))
+        layers += [chunkconv.DynamicConv2d(gen, wl.channels, wl.out_channels, wl.kernel, padding=wl.padding), nn.ReLU()]
+    return nn.Sequential(*layers).to(device)
+
+
+def first_call(wl: Workload, device: torch.device, *, depth: int = 4, repeats: int = 3) -> dict:
+    """A fresh ``depth``-layer model's first forward (which plans: probes each generator) against a warm one.
+
+    Each round builds a new model (its generators have no cached plan) and times its first
+    forward, then its warm forwards; a model is built and run once beforehand so that torch's
+    own first-use costs are not counted.
+    """
+    x = torch.randn(wl.batch, wl.channels, wl.size, wl.size, device=device)
+    with torch.no_grad():
+        _stack(wl, 1, device)(x)
+        firsts, warms = [], []
+        for _ in range(repeats):
+            model = _stack(wl, depth, device)
+            firsts.append(_timed(lambda model=model: model(x), device))
+            warms.append(min(_timed(lambda model=model: model(x), device) for _ in range(2)))
+    first, warm = statistics.median(firsts), statistics.median(warms)
+    return {"workload": wl.as_dict(), "depth": depth, "first": first, "warm": warm, "firsts": firsts,
+            "warms": warms, "ratio": first / warm}  # fmt: skip
+
+
 def run_roofline(
     device: str = "cpu",
     *,
@@ -181,6 +213,13 @@ def run_roofline(
                 f"= {record['useful_fraction']:5.1%} of the GEMM's {rate / 1e9:.0f} GFLOP/s"
                 + (f" ({record['executed_fraction']:.1%} executed)" if mode != "fwd" else "")
             )
+    wl = workloads[0]
+    record = first_call(wl, dev, repeats=repeats)
+    doc["first_call"] = record
+    log(
+        f"{wl.name:<11} a fresh {record['depth']}-layer model's first forward {record['first'] * 1e3:.0f} ms, "
+        f"warm {record['warm'] * 1e3:.0f} ms: {record['ratio']:.2f}x"
+    )
     doc["machine"]["load_average_end"] = list(__import__("os").getloadavg())
     return doc
 
@@ -232,6 +271,14 @@ def render_roofline_run(doc: dict, *, level: int = 2) -> str:
         lines += [
             "",
             f"GEMM rate (median per workload): {', '.join(f'{r / 1e9:.0f}' for r in dict.fromkeys(rates))} GFLOP/s.",
+        ]
+    fc = doc.get("first_call")
+    if fc:
+        lines += [
+            "",
+            f"First call: a fresh {fc['depth']}-layer model of {fc['workload']['name']} layers (forward, no grad, "
+            f"the fast path), median of {len(fc['firsts'])} fresh models: first forward {fc['first'] * 1e3:.0f} ms "
+            f"(it plans: probes each generator), warm {fc['warm'] * 1e3:.0f} ms, **{fc['ratio']:.2f}x**.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -59,8 +59,12 @@ class BoundStep(Protocol):
     def leaves(self) -> Sequence[Tensor]:
         """The tensors backward differentiates each chunk with respect to, besides the rows."""
 
-    def __call__(self, rows: Sequence[Tensor]) -> Tensor:
-        """Output rows ``(B, O)`` of one chunk's rows of every stream."""
+    def __call__(self, rows: Sequence[Tensor], *, values: bool = True) -> Tensor:
+        """Output rows ``(B, O)`` of one chunk's rows of every stream.
+
+        ``values=False``: backward's recompute, which reads only the graph; the kernel form may
+        leave the output's values unset (:meth:`~chunkconv.forms.KernelForm.apply`).
+        """
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         """The parameters' gradients, in order, from the summed gradients of :attr:`leaves`."""
@@ -150,12 +154,12 @@ class _BoundGenerator:
     def leaves(self) -> list[Tensor]:
         return [p for p in self.params if p.requires_grad]
 
-    def __call__(self, rows: Sequence[Tensor]) -> Tensor:
+    def __call__(self, rows: Sequence[Tensor], *, values: bool = True) -> Tensor:
         patches = rows[0]
         given = [rows[i] for i in self.inputs]
         out = call_generator(self.generator, given, "The generator", self.inputs)
         check_output_dtype(out, patches, "The generator")
-        return self.form.apply(self.form.generated(out, given), patches, self.static, self.layout)
+        return self.form.apply(self.form.generated(out, given), patches, self.static, self.layout, values=values)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         grads = iter(leaf_grads)
@@ -338,7 +342,7 @@ def backward_chunks(
         try:
             chunk = ChunkIndex.build(start, end, geom)
             rows = tuple(s.gather(chunk).requires_grad_(s.requires_grad) for s in streams)
-            out = step(rows)
+            out = step(rows, values=False)  # differentiated, never read
             targets = [rows[i] for i in graded] + wanted
             upstream = torch.empty_like(out)  # in out's layout (and dtype): its backward reads it directly
             blockwise(grad_rows, chunk.rows, upstream, "read")  # copy_ casts to out's dtype

@@ -158,9 +158,14 @@ class KernelForm:
             )
         return out.reshape(rows, -1)
 
-    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+    def apply(
+        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+    ) -> Tensor:
         """Output rows ``(B, out)`` from the generated rows, the patch rows ``(B, C * K)`` (in ``layout``,
         :data:`chunkconv.gather.PATCH_LAYOUTS`) and the static weight.
+
+        ``values=False`` (backward's recompute, which differentiates the graph and never reads the
+        output) lets a form leave the output's values unset where computing them costs much.
         """
         raise NotImplementedError
 
@@ -192,7 +197,9 @@ class Full(KernelForm):
         """``None``: the fast path contracts full weights."""
         return None
 
-    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+    def apply(
+        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+    ) -> Tensor:
         """Apply each location's weight to its patch."""
         return contract(generated, patches, self.geom)
 
@@ -216,7 +223,9 @@ class Modulated(KernelForm):
         g, k = self.geom, self.geom.kernel_size
         return [tuple(k), (g.kernel_numel,), (g.in_channels, *k), (g.in_channels * g.kernel_numel,)]
 
-    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+    def apply(
+        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+    ) -> Tensor:
         """Scale the patch rows' taps, then one GEMM with the static weight."""
         assert weight is not None
         return _modulate(generated, patches, weight, self.geom, layout == "columns")
@@ -245,14 +254,17 @@ class Shared(KernelForm):
         k, taps = self.geom.kernel_size, self.geom.kernel_numel
         return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
 
-    def apply(self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows") -> Tensor:
+    def apply(
+        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+    ) -> Tensor:
         """Filter every channel with its group's kernel, depthwise."""
         rows, c, taps, g = patches.shape[0], self.geom.in_channels, self.geom.kernel_numel, self.kernel_groups
         if layout == "columns":  # (G, C / G, K, B) x (G, 1, K, B), summed over the taps
             kernels = generated.t().contiguous().view(g, 1, taps, rows)
-            return _Depthwise.apply(patches.t().view(g, c // g, taps, rows), kernels, 2, 1).view(c, rows).t()
+            out = _Depthwise.apply(patches.t().view(g, c // g, taps, rows), kernels, 2, 1, values)
+            return out.view(c, rows).t()
         kernels = generated.reshape(rows, g, 1, taps)
-        return _Depthwise.apply(patches.view(rows, g, c // g, taps), kernels, 3, 2).view(rows, c)
+        return _Depthwise.apply(patches.view(rows, g, c // g, taps), kernels, 3, 2, values).view(rows, c)
 
     @classmethod
     def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
@@ -298,22 +310,27 @@ class _Depthwise(torch.autograd.Function):
     The backward is written out: ``bmm``'s for these per-location matrix-vector products is
     several times slower on the CPU (measured on a chunk of 7,282 patches of 3 channels x 11 x 11:
     5.3 against 1.6 ms), and so is autograd's for a broadcast multiply and sum. The patches'
-    gradient comes out in the patches' layout, ready to be added back.
+    gradient comes out in the patches' layout, ready to be added back. Without ``values`` (backward's
+    recompute) the product is not computed: it is most of a kernel-prediction layer's forward.
     """
 
     @staticmethod
-    def forward(ctx: Any, patches: Tensor, kernels: Tensor, tap_dim: int, share_dim: int) -> Tensor:
+    def forward(ctx: Any, patches: Tensor, kernels: Tensor, tap_dim: int, share_dim: int, values: bool) -> Tensor:
         ctx.save_for_backward(patches, kernels)
         ctx.dims = (tap_dim, share_dim)
+        if not values:
+            shape = list(torch.broadcast_shapes(patches.shape, kernels.shape))
+            del shape[tap_dim]
+            return patches.new_empty(shape, dtype=torch.result_type(patches, kernels))
         return (patches * kernels).sum(tap_dim)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         patches, kernels = ctx.saved_tensors
         tap_dim, share_dim = ctx.dims
         grad = grad.unsqueeze(tap_dim)
         want_patches, want_kernels = ctx.needs_input_grad[:2]
         grad_patches = (grad * kernels).to(patches.dtype) if want_patches else None
         grad_kernels = (patches * grad).sum(share_dim, keepdim=True).to(kernels.dtype) if want_kernels else None
-        return grad_patches, grad_kernels, None, None
+        return grad_patches, grad_kernels, None, None, None

@@ -149,7 +149,10 @@ def test_roofline_quick_run_writes_fractions_of_the_gemm_rate(tmp_path, capsys):
             )
         )
         assert r["seconds"] > 0 and 0 < r["useful_fraction"] <= r["executed_fraction"]
-    assert "| workload | GFLOP / fwd |" in (out / "rl.md").read_text()
+    fc = doc["first_call"]
+    assert fc["depth"] == 4 and fc["first"] > 0 and fc["warm"] > 0 and fc["ratio"] == fc["first"] / fc["warm"]
+    text = (out / "rl.md").read_text()
+    assert "| workload | GFLOP / fwd |" in text and "First call: a fresh 4-layer model" in text
 
 
 def test_forward_flops_is_the_body_plus_the_bilinear_contraction():

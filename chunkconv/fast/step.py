@@ -146,8 +146,8 @@ class _BoundLinearTail:
     def leaves(self) -> list[Tensor]:
         return self.body_leaves + self.prepared_leaves
 
-    def __call__(self, rows: Sequence[Tensor]) -> Tensor:
-        step, patches = self.step, rows[0]
+    def __call__(self, rows: Sequence[Tensor], *, values: bool = True) -> Tensor:
+        step, patches = self.step, rows[0]  # the contraction is the output: computed either way
         h = _hidden(self.body, rows[step.source], step.tail)
         return step.backend.contract(patches, h, *self.prepared, step.geom, step.order)
 
