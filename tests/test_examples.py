@@ -53,6 +53,7 @@ def test_every_example_has_a_smoke_test():
         "guided_upsampling",
         "spatially_varying_blur",
         "whole_slide",
+        "frame_alignment",
     }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -296,6 +297,54 @@ def test_training_budget(capsys):
         out
     )
     assert "budget='1kB': BudgetTooSmallError: The budget 1000 B" in out, out
+
+
+def test_frame_alignment_trains_and_compares(tmp_path, capsys):
+    results = load_example("frame_alignment").main(["--smoke", "--out", str(tmp_path)])
+    # the sharp neighbour, unaligned, is further from the target than the blurred reference
+    assert results["psnr_unaligned"] < results["psnr_blurred"], results
+    # the parameter-free block matching that the offsets start from finds most of the motion
+    assert results["epe_block_matching"] < 0.6 * results["epe_zero"], results
+    # both models start from their input (the blurred reference; the block-matching warp) and train
+    assert results["psnr_deformable"] > results["psnr_untrained"] + 0.3, results
+    assert results["psnr_plain"] >= results["psnr_blurred"] - 0.5, results
+    for name in ("frame_alignment.png", "frame_alignment_sampling.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    out = capsys.readouterr().out
+    for row in ("blurred reference", "unaligned neighbour", "block-matching warp", "plain CNN", "deformable alignment"):
+        assert re.search(rf"^  {row}.* dB", out, re.M), (row, out)
+    assert "parameters" in out and out.count(" 0 parameters") == 0, out
+
+
+def test_frame_alignment_models_and_data():
+    import torch
+
+    example = load_example("frame_alignment")
+    pairs = example.frame_pairs(2, 24, torch.Generator().manual_seed(0))
+    # the blurred reference is the sharp one blurred, plus noise of NOISE
+    r = math.ceil(3 * example.BLUR)
+    residual = pairs["blurred"][..., r:-r, r:-r] - example.gaussian_blur(pairs["sharp"], example.BLUR)
+    assert abs(residual.std().item() - example.NOISE) < 0.2 * example.NOISE, residual.std()
+    assert set(pairs) == {"blurred", "neighbour", "sharp", "flow"} and pairs["flow"].shape == (2, 2, 24, 24)
+    # a pure shift of a smooth image: block matching finds it to a fraction of a pixel
+    img = example.gaussian_blur(torch.rand(1, 3, 60, 60, generator=torch.Generator().manual_seed(3)), 2.0)
+    reference, neighbour = img[..., 8:40, 8:40], img[..., 10:42, 7:39]  # reference(p) = neighbour(p + (-2, 1))
+    estimate, _ = example.block_matching(reference, neighbour)
+    inner = estimate[..., 6:-6, 6:-6]
+    assert (inner[:, 0] + 2).abs().mean() < 0.3 and (inner[:, 1] - 1).abs().mean() < 0.3, inner.mean((-1, -2))
+    # same parameter count; untrained, the deformable model is the neighbour warped by block matching
+    plain, deformable = example.PlainCNN(4), example.DeformableAlign(4)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in deformable.parameters())
+    with torch.no_grad():
+        offset, mask = deformable.sampling(reference, neighbour)
+        torch.testing.assert_close(offset, estimate.repeat(1, 9, 1, 1))
+        torch.testing.assert_close(mask, torch.full_like(mask, 0.5))
+        torch.testing.assert_close(plain(reference, neighbour), reference)
+        # zero motion: the untrained deformable model returns the neighbour
+        same = deformable.deform(neighbour, torch.zeros_like(offset), mask)
+        torch.testing.assert_close(same, neighbour)
+        centroid = example.sampling_centroid(deformable, offset, mask)
+        torch.testing.assert_close(centroid, estimate)
 
 
 def test_whole_slide_on_a_small_slide_equals_the_model_in_memory(tmp_path):
