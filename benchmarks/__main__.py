@@ -2,6 +2,7 @@
 ``python -m benchmarks layers ...`` measures published layers against their direct implementations;
 ``python -m benchmarks tiled ...`` measures ``chunkconv.tiled`` against the model in memory.
 ``python -m benchmarks roofline ...`` measures the fraction of the machine's GEMM rate reached.
+``python -m benchmarks deform ...`` measures ``chunkconv.ops.deform_conv2d`` against torchvision's and grid_sample's.
 
 Examples::
 
@@ -13,6 +14,7 @@ Examples::
     python -m benchmarks layers --repeats 3 --name cpu-layers        # KPN, PAC, PSF, involution, DCN mask
     python -m benchmarks tiled                                       # tiled over Zarr vs in memory
     python -m benchmarks roofline --repeats 5                        # CPU-A and two shapes vs sgemm
+    python -m benchmarks deform --threads 2                          # DCNv2 step vs torchvision, grid_sample
 
 ``run`` writes ``OUT/NAME.json`` (rewritten after every case), ``OUT/NAME.md`` and, with matplotlib,
 ``OUT/NAME.png``. ``report`` turns one or more run JSONs into one Markdown page, plots next to it in
@@ -190,7 +192,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report", "layers", "tiled", "roofline", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "report", "layers", "tiled", "roofline", "deform", "-h", "--help"):
         argv.insert(0, "run")
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tiled_parser(sub)
     _roofline_parser(sub)
+    from .deform import deform_parser, main_deform
+
+    deform_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "layers":
         from .layers_cpu import main_layers
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         from .roofline import main_roofline
 
         return main_roofline(args)
+    if args.command == "deform":
+        return main_deform(args)
     return _cmd_run(args) if args.command == "run" else _cmd_report(args)
 
 

@@ -16,5 +16,8 @@ if ! python -c "import matplotlib" 2>/dev/null; then
 fi
 # the fraction of cuBLAS's float32 rate (TF32 off) each path reaches, forward and training step
 python -m benchmarks roofline --device cuda --repeats 5 --out "$out" --name cuda-roofline
+# deformable convolution (DCNv2 training step, 128/256/1024 px) against torchvision's op (skipped, with the
+# reason, where torchvision does not load) and a grid_sample implementation; TF32 off
+python -m benchmarks deform --device cuda --repeats 5 --out "$out" --name cuda-deform
 python -m benchmarks run --device cuda --suite all --dtype float32,bfloat16 --repeats 5 --max-seconds 10 \
     --time-limit "${TIME_LIMIT:-420}" --out "$out" --name cuda-all "$@"

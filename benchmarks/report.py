@@ -455,6 +455,10 @@ def render_page(runs: list[tuple[dict, str | None]], command: str) -> str:
             from .roofline import render_roofline_run
 
             parts.append(render_roofline_run(doc))
+        elif doc.get("suite") == "deform":
+            from .deform import render_deform_run
+
+            parts.append(render_deform_run(doc))
         else:
             parts.append(render_run(doc, image))
     if not any(doc["device"].startswith("cuda") for doc, _ in runs):

@@ -161,3 +161,92 @@ def test_forward_flops_is_the_body_plus_the_bilinear_contraction():
     cpu_a = ANCHORS["CPU-A"]  # the count: 20.5 GFLOP
     assert forward_flops(cpu_a) == 2 * 65536 * (2 * 144 * 32 + 2 * 144 * 16 * 32)
     assert round(forward_flops(cpu_a) / 1e9, 1) == 20.5
+
+
+def test_grid_sample_baseline_is_a_deformable_convolution():
+    # the user-written baseline of `benchmarks deform` against chunkconv's float64 oracle, with and without a mask
+    from benchmarks.deform import check_agreement, grid_sample_deform_conv2d
+    from chunkconv.deform_reference import deform_conv_reference
+
+    torch.manual_seed(3)
+    f64 = torch.float64
+    x = torch.randn(1, 6, 5, 7, dtype=f64, requires_grad=True)
+    offset = (torch.randn(1, 3 * 4 * 2, 5, 3, dtype=f64) * 3).requires_grad_()  # 3 offset groups, 2x2 taps
+    weight = torch.randn(4, 3, 2, 2, dtype=f64, requires_grad=True)  # 2 conv groups
+    geometry = {"stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)}
+    for mask in (None, torch.rand(1, 3 * 4, 5, 3, dtype=f64, requires_grad=True)):
+        leaves = [x, offset, weight] + ([] if mask is None else [mask])
+        expected = deform_conv_reference(x, offset, weight, None, mask=mask, **geometry)
+        got = grid_sample_deform_conv2d(x, offset, weight, None, mask=mask, **geometry)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        grad = torch.randn_like(expected)
+        for g, e in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    errors = check_agreement("cpu", ("chunkconv", "grid_sample"))
+    assert set(errors) == {"chunkconv", "grid_sample"} and max(errors.values()) < 1e-12, errors
+
+
+def test_deform_quick_run_writes_its_table(tmp_path):
+    from benchmarks.deform import method_unavailable
+
+    out = tmp_path / "results"
+    code = main(["deform", "--quick", "--repeats", "1", "--threads", "1", "--out", str(out), "--name", "quick",
+                 "--memory-limit", "512MB"])  # fmt: skip
+    assert code == 0
+    doc = json.loads((out / "quick.json").read_text())
+    sizes = [r["workload"]["size"] for r in doc["measurements"]]
+    assert doc["suite"] == "deform" and doc["isolated"] and sizes == [12, 24]
+    assert doc["measurements"][1]["workload"]["budget"] == "256KB"
+    missing = method_unavailable("torchvision")
+    ran = ("chunkconv", "grid_sample") if missing else ("chunkconv", "grid_sample", "torchvision")
+    assert set(doc["agreement"]) == set(ran) and max(doc["agreement"].values()) < 1e-10
+    for r in doc["measurements"]:
+        for method in ran:
+            m = r["methods"][method]
+            assert m["status"] == "ok", (r["workload"]["name"], method, m)
+            assert m["median_s"] > 0 and m["peak_bytes"] > 0
+        if missing:  # skipped with the reason, never an error
+            assert r["methods"]["torchvision"]["status"] == "skipped" and doc["skipped"]["torchvision"] == missing
+    chunked = doc["measurements"][1]["methods"]["chunkconv"]
+    assert chunked["peak_bytes"] <= 256_000 and "chunks of" in chunked["info"]["plan_summary"]
+    page = (out / "quick.md").read_text()
+    assert "| image | method | time | peak | time / torchvision |" in page and "| 24x24 | grid_sample |" in page
+    target = tmp_path / "bench.md"
+    assert main(["report", str(out / "quick.json"), "--markdown", str(target), "--no-plot"]) == 0
+    assert "Deformable convolution on cpu" in target.read_text()
+
+
+def test_deform_method_over_the_cap_is_tried_once_and_reads_out_of_memory(tmp_path):
+    from benchmarks.deform import DeformSettings, render_deform_run, run_deform
+
+    # grid_sample with 4 channels: ~0.7 KB per pixel at 16 px, so ~290 MB predicted at 640 px, over a 128 MB cap
+    settings = DeformSettings(quick=True, sizes=(16, 640), methods=("grid_sample",), repeats=1, threads=1,
+                              memory_limit=128 * 2**20)  # fmt: skip
+    doc = run_deform(settings, tmp_path / "cap.json", log=lambda _: None)
+    small, large = doc["measurements"]
+    assert small["methods"]["grid_sample"]["status"] == "ok"
+    assert large["attempt"]["grid_sample"] == "once under the cap"
+    assert large["predicted_bytes"]["grid_sample"] > 128 * 2**20
+    assert large["methods"]["grid_sample"]["status"] == "oom", large["methods"]["grid_sample"]
+    assert "out of memory under the 128.00 MiB cap" in render_deform_run(doc)
+
+
+def test_deform_on_cuda_without_a_device_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from benchmarks.deform import DeformSettings, run_deform
+
+    with pytest.raises(RuntimeError, match=r"--device cuda was asked for"):
+        run_deform(DeformSettings(device="cuda", quick=True), tmp_path / "run.json", log=lambda _: None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deform_quick_run_on_cuda(tmp_path):
+    from benchmarks.deform import DeformSettings, run_deform
+
+    doc = run_deform(DeformSettings(device="cuda", quick=True, repeats=1), tmp_path / "run.json", log=lambda _: None)
+    assert doc["machine"]["gpu"] and not doc["isolated"] and max(doc["agreement"].values()) < 1e-10
+    for r in doc["measurements"]:
+        for method in ("chunkconv", "grid_sample"):
+            assert r["methods"][method]["status"] == "ok" and r["methods"][method]["peak_bytes"] > 0, r
