@@ -159,7 +159,13 @@ class KernelForm:
         return out.reshape(rows, -1)
 
     def apply(
-        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+        self,
+        generated: Tensor,
+        patches: Tensor,
+        weight: Tensor | None = None,
+        layout: str = "rows",
+        *,
+        values: bool = True,
     ) -> Tensor:
         """Output rows ``(B, out)`` from the generated rows, the patch rows ``(B, C * K)`` (in ``layout``,
         :data:`chunkconv.gather.PATCH_LAYOUTS`) and the static weight.
@@ -198,7 +204,13 @@ class Full(KernelForm):
         return None
 
     def apply(
-        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+        self,
+        generated: Tensor,
+        patches: Tensor,
+        weight: Tensor | None = None,
+        layout: str = "rows",
+        *,
+        values: bool = True,
     ) -> Tensor:
         """Apply each location's weight to its patch."""
         return contract(generated, patches, self.geom)
@@ -224,7 +236,13 @@ class Modulated(KernelForm):
         return [tuple(k), (g.kernel_numel,), (g.in_channels, *k), (g.in_channels * g.kernel_numel,)]
 
     def apply(
-        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+        self,
+        generated: Tensor,
+        patches: Tensor,
+        weight: Tensor | None = None,
+        layout: str = "rows",
+        *,
+        values: bool = True,
     ) -> Tensor:
         """Scale the patch rows' taps, then one GEMM with the static weight."""
         assert weight is not None
@@ -255,7 +273,13 @@ class Shared(KernelForm):
         return [(self.kernel_groups, *k), (self.kernel_groups * taps,)]
 
     def apply(
-        self, generated: Tensor, patches: Tensor, weight: Tensor | None = None, layout: str = "rows", *, values: bool = True
+        self,
+        generated: Tensor,
+        patches: Tensor,
+        weight: Tensor | None = None,
+        layout: str = "rows",
+        *,
+        values: bool = True,
     ) -> Tensor:
         """Filter every channel with its group's kernel, depthwise."""
         rows, c, taps, g = patches.shape[0], self.geom.in_channels, self.geom.kernel_numel, self.kernel_groups

@@ -103,9 +103,9 @@ def deform_fixed_costs(
 
     Pure arithmetic, no tensors, in the planner's form (see :func:`chunkconv.planner.fixed_costs`):
     the channels-last copy of the input the stream samples from (both phases), and in backward
-    the gradient buffers it accumulates into, in :func:`opmath_dtype`, plus the input gradient
-    :meth:`DeformPatchStream.grad` returns. What one chunk allocates on top is measured, as for
-    every step.
+    the gradient buffers it accumulates into, in :func:`opmath_dtype` (the input gradient
+    :meth:`DeformPatchStream.grads` returns takes the input copy's place once every chunk is done).
+    What one chunk allocates on top is measured, as for every step.
 
     Args:
         geom: the convolution's geometry.
@@ -128,7 +128,8 @@ def deform_fixed_costs(
     backward = {
         "input, channels-last rows": source,
         "input gradient rows": (image + c // groups) * op_item if input_grad else 0,
-        "input gradient": image * item if input_grad else 0,
+        # the input's gradient, image * item bytes, is made after every chunk, once the sampler's
+        # copy of the input (as large, plus a row) is freed (DeformPatchStream.grads): no entry
         "offsets gradient": per_tap * d * op_item if offset_grad else 0,
         "mask gradient": per_tap * op_item if mask_grad else 0,
     }
@@ -358,6 +359,7 @@ class DeformPatchStream:
         where not asked for).
         """
         d = self.geom.ndim
+        del self.source  # every chunk is done: the input's gradient takes the place of its copy
         grad = self.grad()
         self._grad_src = None  # each accumulator goes once its gradient is out: the copies below
         off = None  # (float16/bfloat16 sources) then reuse its memory, as the plan counts them
