@@ -264,3 +264,14 @@ def test_the_site_says_each_default_once():
     kept = "Default: ``auto``. The planner picks it."  # more after the default: a sentence to keep
     assert strip(kept) == kept
     assert strip("no default here.") == "no default here."
+
+
+def test_ci_runs_the_readmes_two_quick_start_commands_test_one_verbatim():
+    quick = (ROOT / "README.md").read_text().split("## Quick start", 1)[1]
+    commands = re.search(r"```bash\n(.*?)```", quick, re.DOTALL)
+    assert commands is not None, "README's Quick start has no bash block"
+    lines = commands.group(1).strip().splitlines()
+    assert len(lines) == 2, lines
+    test_command = lines[1]
+    assert test_command.endswith("python -m pytest -q"), test_command
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
