@@ -121,6 +121,28 @@ def _layers_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="file stem (default: cpu-layers-DATE)")
 
 
+def _deform_parser(sub: argparse._SubParsersAction) -> None:
+    from .deform import METHODS
+
+    p = sub.add_parser(
+        "deform", help="chunkconv.ops.deform_conv2d against torchvision's and a grid_sample one (training step)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="4 channels at 12 and 24 px (seconds)")
+    p.add_argument("--sizes", type=_csv(cast=int), help="image sides (default: 128,256,1024)")
+    p.add_argument("--budget", help="chunkconv's budget above 256 px (default: 1GB; 256KB with --quick)")
+    p.add_argument("--methods", type=_csv(METHODS), default=METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds after the warm-up (default: 3)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a method after this (default: 60)")
+    p.add_argument("--memory-limit", help="CPU: the measuring child's address-space headroom (default: 4GB)")
+    p.add_argument("--no-isolate", action="store_true", help="measure in this process, without a cap")
+    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is killed")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2; 0: torch's)")
+    p.add_argument("--note", help="free text stored with the run")
+    p.add_argument("--out", default=os.environ.get("OUT") or "results", help="output folder (default: $OUT or results)")
+    p.add_argument("--name", help="file stem (default: DEVICE-deform-DATE)")
+
+
 def _roofline_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "roofline", help="the fraction of the machine's GEMM rate each path reaches (benchmarks/roofline.py)"
@@ -205,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tiled_parser(sub)
     _roofline_parser(sub)
-    from .deform import deform_parser, main_deform
+    from .deform import main_deform
 
-    deform_parser(sub)
+    _deform_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "layers":
         from .layers_cpu import main_layers

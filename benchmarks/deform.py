@@ -71,7 +71,6 @@ __all__ = [
     "DeformSettings",
     "DeformWorkload",
     "check_agreement",
-    "deform_parser",
     "grid_sample_deform_conv2d",
     "main_deform",
     "measure_deform_case",
@@ -692,34 +691,8 @@ def render_deform_run(doc: dict, *, level: int = 2) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def deform_parser(sub: argparse._SubParsersAction) -> None:
-    """The ``deform`` subcommand's arguments."""
-    p = sub.add_parser(
-        "deform", help="chunkconv.ops.deform_conv2d against torchvision's and a grid_sample one (training step)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    p.add_argument("--quick", action="store_true", help="4 channels at 12 and 24 px (seconds)")
-    p.add_argument("--sizes", type=lambda t: tuple(int(s) for s in t.split(",") if s.strip()),
-                   help="image sides (default: 128,256,1024)")  # fmt: skip
-    p.add_argument("--budget", help="chunkconv's budget above 256 px (default: 1GB; 256KB with --quick)")
-    p.add_argument("--methods", type=lambda t: tuple(s.strip() for s in t.split(",") if s.strip()),
-                   default=METHODS, help=f"comma-separated, from {', '.join(METHODS)}")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds after the warm-up (default: 3)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a method after this (default: 60)")
-    p.add_argument("--memory-limit", help="CPU: the measuring child's address-space headroom (default: 4GB)")
-    p.add_argument("--no-isolate", action="store_true", help="measure in this process, without a cap")
-    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is killed")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2; 0: torch's)")
-    p.add_argument("--note", help="free text stored with the run")
-    p.add_argument("--out", default=os.environ.get("OUT") or "results", help="output folder (default: $OUT or results)")
-    p.add_argument("--name", help="file stem (default: DEVICE-deform-DATE)")
-
-
 def main_deform(args: argparse.Namespace) -> int:
     """``python -m benchmarks deform`` (the parsed arguments of :func:`benchmarks.__main__.main`)."""
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(bad)}")
     settings = DeformSettings(
         device=args.device,
         quick=args.quick,

@@ -165,7 +165,6 @@ class Features(StreamKind):
 
     def fixed_costs(self, spec: StreamSpec, geom: ConvGeometry, item: int) -> tuple[dict[str, int], dict[str, int]]:
         """Read in place: only its gradient, one buffer of its size, is fixed."""
-        # read in place; its gradient is one buffer of its size
         return {}, {f"{self.name} gradient": geom.num_patches * spec.channels * item if spec.requires_grad else 0}
 
 
