@@ -26,6 +26,7 @@ except ModuleNotFoundError as error:
 from .geometry import PADDING_MODES, ConvSpec, conv_spec
 
 __all__ = [
+    "Concat",
     "ConvCase",
     "RecordingDropout",
     "assert_matches_reference",
@@ -75,6 +76,28 @@ def mlp_generator(
     return nn.Sequential(nn.Linear(patch, hidden), activation(), nn.Linear(hidden, weight)).to(
         device=device, dtype=dtype
     )
+
+
+class Concat(nn.Module):
+    """A generator of several inputs: concatenates the rows it receives, then ``Linear -> Tanh -> Linear``.
+
+    For ``inputs=("patches", "features")`` and the like (the rows arrive positionally, in the
+    order ``inputs`` names them).
+
+    Args:
+        width: the concatenated rows' width (the sum of every input's).
+        out: what it makes per location (the kernel form's entries).
+        hidden: width of the hidden layer. Default: ``5``.
+
+    """
+
+    def __init__(self, width: int, out: int, hidden: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
+
+    def forward(self, *rows: Tensor) -> Tensor:
+        """``body(cat(rows))``."""
+        return self.body(torch.cat(rows, dim=1))
 
 
 class RecordingDropout(nn.Module):

@@ -22,20 +22,9 @@ import chunkconv
 from chunkconv import MemoryTracker
 from chunkconv.deform_reference import deform_sample_reference
 from chunkconv.geometry import conv_spec
-from chunkconv.testing import conv_cases, mlp_generator
+from chunkconv.testing import Concat, conv_cases, mlp_generator
 
 F64 = torch.float64
-
-
-class Concat(nn.Module):
-    """Concatenates whatever it receives, then a small MLP."""
-
-    def __init__(self, width: int, out: int, hidden: int = 5):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
-
-    def forward(self, *rows):
-        return self.body(torch.cat(rows, dim=1))
 
 
 @st.composite

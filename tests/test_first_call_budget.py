@@ -9,7 +9,7 @@ from torch import nn
 
 import chunkconv
 from chunkconv import MemoryTracker
-from chunkconv.testing import conv_cases
+from chunkconv.testing import Concat, conv_cases
 
 
 @st.composite
@@ -61,17 +61,6 @@ def test_first_and_repeat_calls_stay_within_random_budgets(case, dtype, training
         del y
 
 
-class _WithFeatures(nn.Module):
-    """A generator of patches and per-location features (issue 21, item 7's case: 3-D, features)."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, patches, features):
-        return self.body(torch.cat([patches, features], dim=1))
-
-
 @given(
     case=conv_cases(ndims=(3,), allow_empty=False, max_batch=2),
     features=st.integers(1, 4),
@@ -86,7 +75,7 @@ def test_first_calls_with_features_in_3d_stay_within_budgets_at_the_minimum(
     s = case.spec
     p = s.in_channels * torch.Size(s.kernel_size).numel()
     w = s.out_channels * s.in_channels // s.groups * torch.Size(s.kernel_size).numel()
-    gen = _WithFeatures(nn.Sequential(nn.Linear(p + features, hidden), nn.Tanh(), nn.Linear(hidden, w))).to(dtype)
+    gen = Concat(p + features, w, hidden).to(dtype)  # issue 21, item 7's case: 3-D, features
     x = torch.randn(case.input_shape, dtype=dtype, requires_grad=training)
     args = dict(stride=s.stride, padding=s.padding, dilation=s.dilation, groups=s.groups, padding_mode=s.padding_mode)
     args |= dict(inputs=("patches", "features"))

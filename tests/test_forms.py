@@ -16,20 +16,9 @@ from torch import nn
 import chunkconv
 from chunkconv import MemoryTracker
 from chunkconv.geometry import conv_spec
-from chunkconv.testing import conv_cases
+from chunkconv.testing import Concat, conv_cases
 
 F64 = torch.float64
-
-
-class Concat(nn.Module):
-    """The generator of the tests: concatenates whatever it receives, then a small MLP."""
-
-    def __init__(self, width: int, out: int, hidden: int = 5):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
-
-    def forward(self, *rows):
-        return self.body(torch.cat(rows, dim=1))
 
 
 @st.composite
