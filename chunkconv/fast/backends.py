@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..forms import contract
 from ..geometry import ConvGeometry
+from .patch_first import patch_first
 
 __all__ = ["BACKENDS", "TORCH", "TRITON", "Backend", "TorchBackend", "TritonBackend"]
 
@@ -69,12 +70,18 @@ class TorchBackend:
         bias: Tensor | None,
         geom: ConvGeometry,
         order: str,
+        *,
+        values: bool = True,
     ) -> Tensor:
-        """One chunk's output ``(B, O)`` from patches ``(B, P)``, ``h`` ``(B, H)`` and prepared ``W``, ``c``."""
+        """One chunk's output ``(B, O)`` from patches ``(B, P)``, ``h`` ``(B, H)`` and prepared ``W``, ``c``.
+
+        ``values=False`` (backward's recompute): the output's values may be left unset
+        (:func:`.patch_first.patch_first`).
+        """
         if order == "weights":
             return contract(F.linear(h, weight, bias), patches, geom)
         if order == "patch_first":
-            return _patch_first(patches, h, weight, geom)
+            return patch_first(patches, h, weight, geom, values=values)
         rows, g = patches.shape[0], geom.groups
         pg = geom.patch_size // g
         outs = []
@@ -86,21 +93,6 @@ class TorchBackend:
                 out = out + x @ bias[k]
             outs.append(out)
         return outs[0] if g == 1 else torch.cat(outs, dim=1)
-
-
-def _patch_first(patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry) -> Tensor:
-    """``T = x_g @ W_g`` ``(B, Og, H')``, then ``T . h'`` per row, for :meth:`TorchBackend.prepare`'s ``W``.
-
-    ``H' = H + 1`` when the bias is folded into ``W`` (``h' = [h, 1]``), ``H' = H`` without one.
-    """
-    rows, g = patches.shape[0], geom.groups
-    og, pg = geom.out_channels // g, geom.patch_size // g
-    width = weight.shape[-1] // og  # H'
-    h1 = h if width == h.shape[1] else torch.cat([h, h.new_ones(rows, 1)], dim=1)
-    h1 = h1.unsqueeze(-1)  # (B, H', 1)
-    outs = [torch.bmm((patches[:, k * pg : (k + 1) * pg] @ weight[k]).view(rows, og, width), h1) for k in range(g)]
-    out = outs[0] if g == 1 else torch.cat(outs, dim=1)
-    return out.view(rows, geom.out_channels)
 
 
 @dataclass(frozen=True)
@@ -134,8 +126,10 @@ class TritonBackend:
         bias: Tensor | None,
         geom: ConvGeometry,
         order: str,
+        *,
+        values: bool = True,
     ) -> Tensor:
-        """One chunk's output ``(B, O)`` from the fused kernels."""
+        """One chunk's output ``(B, O)`` from the fused kernels (which always compute it)."""
         from .kernels import triton_contract
 
         return triton_contract(patches, h, weight, bias, geom)

@@ -147,9 +147,9 @@ class _BoundLinearTail:
         return self.body_leaves + self.prepared_leaves
 
     def __call__(self, rows: Sequence[Tensor], *, values: bool = True) -> Tensor:
-        step, patches = self.step, rows[0]  # the contraction is the output: computed either way
+        step, patches = self.step, rows[0]
         h = _hidden(self.body, rows[step.source], step.tail)
-        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order)
+        return step.backend.contract(patches, h, *self.prepared, step.geom, step.order, values=values)
 
     def param_grads(self, leaf_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         n = len(self.body_leaves)
