@@ -10,9 +10,11 @@ chunkconv also recomputes the forward in backward, so it *executes* 4x. Both fra
 reported: "useful" (3x, what any implementation must do) and "executed" (4x).
 
 The reference rate is one large float32 GEMM, ``(4096 x 1024) @ (1024 x 4608)``, timed in the
-same process, interleaved with the layer's calls (GEMM, then each path's forward and training
-step, round after round) so that load on a shared machine hits all alike; the fraction is each
-median time's FLOP rate over the GEMM's median rate. On CUDA the GEMM is cuBLAS with TF32 off.
+same process just before each of the layer's timed calls (GEMM, fast forward, GEMM, fast training
+step, ..., round after round). Each call's fraction is its FLOP rate over that GEMM's rate, and a
+row reports the median of those paired fractions: on a shared machine the GEMM's own rate moved
+between 100 and 190 GFLOP/s within one run, and a GEMM timed seconds apart misstated fractions by
+as much. On CUDA the GEMM is cuBLAS with TF32 off.
 Benchmarks report; nothing here asserts a rate.
 
     python -m benchmarks roofline [--device cpu] [--repeats 5] [--quick]
@@ -183,18 +185,18 @@ def run_roofline(
         }
         for (path, _mode), fn in calls.items():  # warm-up: probes, plans, caches
             fn(path)
-        rates: list[float] = []
         times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+        rates: dict[tuple[str, str], list[float]] = {key: [] for key in calls}  # the GEMM just before each
         for _ in range(repeats):
-            rates.append(gemm())
             for (path, mode), fn in calls.items():
+                rates[(path, mode)].append(gemm())
                 times[(path, mode)].append(_timed(lambda fn=fn, path=path: fn(path), dev))
-        rate = statistics.median(rates)
         flops = forward_flops(wl)
         for (path, mode), ts in times.items():
-            t = statistics.median(ts)
+            t, paired = statistics.median(ts), rates[(path, mode)]
             useful = flops if mode == "fwd" else 3 * flops
             executed = flops if mode == "fwd" else 4 * flops
+            fractions = [useful / ti / ri for ti, ri in zip(ts, paired)]
             record = {
                 "workload": wl.as_dict(),
                 "path": path,
@@ -202,15 +204,16 @@ def run_roofline(
                 "seconds": t,
                 "times": ts,
                 "forward_flops": flops,
-                "gemm_flops_per_s": rate,
-                "gemm_rates": rates,
-                "useful_fraction": useful / t / rate,
-                "executed_fraction": executed / t / rate,
+                "gemm_flops_per_s": statistics.median(paired),
+                "gemm_rates": paired,
+                "useful_fractions": fractions,
+                "useful_fraction": statistics.median(fractions),
+                "executed_fraction": statistics.median(fractions) * executed / useful,
             }
             doc["records"].append(record)
             log(
-                f"{wl.name:<11} {path:<7} {mode:<7} {t * 1e3:9.1f} ms  {useful / t / 1e9:7.1f} GFLOP/s useful "
-                f"= {record['useful_fraction']:5.1%} of the GEMM's {rate / 1e9:.0f} GFLOP/s"
+                f"{wl.name:<11} {path:<7} {mode:<7} {t * 1e3:9.1f} ms  {useful / t / 1e9:7.1f} GFLOP/s useful, "
+                f"{record['useful_fraction']:5.1%} of the GEMM's (median {record['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s)"
                 + (f" ({record['executed_fraction']:.1%} executed)" if mode != "fwd" else "")
             )
     wl = workloads[0]
@@ -236,9 +239,9 @@ def render_roofline_run(doc: dict, *, level: int = 2) -> str:
         "The layer's FLOPs per forward are `N L (2 P h + 2 P out h)` (the generator's body and the "
         "bilinear contraction, the same count for both paths); a training step needs 3x that "
         "(*useful*) and chunkconv executes 4x (*executed*: the forward is recomputed in backward). "
-        f"The reference is a float32 GEMM `({m} x {k}) @ ({k} x {n})` timed in the same process, "
-        "interleaved with the layer's calls; each fraction is a median time's FLOP rate over the "
-        "GEMM's median rate (`benchmarks/roofline.py`).",
+        f"The reference is a float32 GEMM `({m} x {k}) @ ({k} x {n})` timed in the same process just "
+        "before each timed call; a fraction is the median over rounds of a call's FLOP rate over that "
+        "GEMM's rate, a time the median time (`benchmarks/roofline.py`).",
         "",
         f"- **Device**: {where}; torch {mc['torch']}; chunkconv {mc['chunkconv']} "
         f"(commit {mc.get('chunkconv_commit') or 'unknown'}).",
@@ -266,11 +269,12 @@ def render_roofline_run(doc: dict, *, level: int = 2) -> str:
                 f"{f['useful_fraction']:.0%} | {t['seconds'] * 1e3:.0f} ms | {t['useful_fraction']:.0%} | "
                 f"{t['executed_fraction']:.0%} |"
             )
-    rates = [r["gemm_flops_per_s"] for r in doc["records"]]
+    rates = [x for r in doc["records"] for x in r["gemm_rates"]]
     if rates:
         lines += [
             "",
-            f"GEMM rate (median per workload): {', '.join(f'{r / 1e9:.0f}' for r in dict.fromkeys(rates))} GFLOP/s.",
+            f"GEMM rate over the run: {min(rates) / 1e9:.0f} to {max(rates) / 1e9:.0f} GFLOP/s, "
+            f"median {statistics.median(rates) / 1e9:.0f}.",
         ]
     fc = doc.get("first_call")
     if fc:
