@@ -213,7 +213,7 @@ def run_roofline(
             doc["records"].append(record)
             log(
                 f"{wl.name:<11} {path:<7} {mode:<7} {t * 1e3:9.1f} ms  {useful / t / 1e9:7.1f} GFLOP/s useful, "
-                f"{record['useful_fraction']:5.1%} of the GEMM's (median {record['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s)"
+                f"{record['useful_fraction']:5.1%} of the GEMM's (at {record['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s)"
                 + (f" ({record['executed_fraction']:.1%} executed)" if mode != "fwd" else "")
             )
     wl = workloads[0]

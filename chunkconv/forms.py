@@ -5,7 +5,8 @@
 * ``"modulated"``: per-tap scalars ``(*k)`` (or per input channel and tap, ``(in, *k)``) that
   scale a learnable static weight ``(out, in / groups, *k)``, as pixel-adaptive convolution and
   DCNv2's mask do. Computed without forming per-location weights: the chunk's patch rows are
-  scaled, then multiplied by the static weight in one GEMM (an ordinary unfold convolution's cost).
+  scaled, then multiplied by the static weight in one GEMM (an ordinary unfold convolution's cost),
+  a cache-sized block of locations at a time (:mod:`.modulated`).
 * ``"shared"``: one kernel ``(*k)`` per group of channels, ``(G, *k)``, applied depthwise (as
   involution, kernel prediction and spatially varying blur do): ``out = in`` channels, channel
   ``c`` filtered with the kernel of group ``c // (in / G)`` (consecutive channels share). Never
@@ -32,12 +33,12 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .errors import GeneratorOutputError
 from .geometry import ConvGeometry
+from .modulated import modulate
 
 __all__ = [
     "FORMS",
@@ -246,7 +247,8 @@ class Modulated(KernelForm):
     ) -> Tensor:
         """Scale the patch rows' taps, then one GEMM with the static weight."""
         assert weight is not None
-        return _modulate(generated, patches, weight, self.geom, layout == "columns")
+        flat = weight.reshape(self.geom.out_channels, -1)
+        return modulate(patches, generated, flat, self.geom.groups, layout == "columns", values=values)
 
     @classmethod
     def describe(cls, generated: int | None, geom: ConvGeometry) -> str:
@@ -304,28 +306,6 @@ FORMS = tuple(FORM_CLASSES)
 def make_form(name: str, geom: ConvGeometry, kernel_groups: int = 1) -> KernelForm:
     """The form ``kernel=name`` names, for one call's geometry."""
     return FORM_CLASSES[name](geom, kernel_groups)
-
-
-def _modulate(generated: Tensor, patches: Tensor, weight: Tensor, geom: ConvGeometry, columns: bool) -> Tensor:
-    """The modulated form: scale each patch's taps (``generated``: ``(B, K)`` or ``(B, C * K)``),
-    then one matrix product with the static weight (per group).
-    """
-    rows, c, taps, groups, out = patches.shape[0], geom.in_channels, geom.kernel_numel, geom.groups, geom.out_channels
-    per_group = geom.patch_size // groups
-    if columns:  # as Conv2d's im2col path: weight (O, P) @ scaled columns (P, B)
-        scale = generated.t().contiguous().view(-1, taps, rows)
-        scaled = (patches.t().view(c, taps, rows) * scale).view(geom.patch_size, rows)
-        if groups == 1:
-            return (weight.reshape(out, -1) @ scaled).t()
-        w = weight.reshape(groups, out // groups, per_group)
-        return torch.bmm(w, scaled.view(groups, per_group, rows)).view(out, rows).t()
-    scale = generated.view(rows, -1 if generated.shape[1] == c * taps else 1, taps)
-    scaled = (patches.view(rows, c, taps) * scale).view(rows, c * taps)
-    if groups == 1:
-        return F.linear(scaled, weight.reshape(out, -1))
-    w = weight.reshape(groups, out // groups, per_group)
-    y = torch.bmm(scaled.view(rows, groups, per_group).transpose(0, 1), w.transpose(1, 2))
-    return y.transpose(0, 1).reshape(rows, out)
 
 
 class _Depthwise(torch.autograd.Function):

@@ -1,0 +1,85 @@
+"""The modulated form's blocked contraction with its written-out gradients, against autograd's version."""
+
+import pytest
+import torch
+
+from chunkconv import modulated as mod
+
+F64 = torch.float64
+
+
+def _case(rows, groups, per_channel, columns, seed=0):
+    c, o, taps = 2 * groups, 3 * groups, 4
+    p = c * taps
+    gen = torch.Generator().manual_seed(seed)
+    patches = torch.randn(p, rows, dtype=F64, generator=gen).t() if columns else torch.randn(rows, p, dtype=F64)
+    scale = torch.randn(rows, p if per_channel else taps, dtype=F64, generator=gen)
+    weight = torch.randn(o, p // groups, dtype=F64, generator=gen)
+    return patches, scale, weight
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("block_bytes", [mod._BLOCK_BYTES, 2 * 8 * 8 * 2])  # one block; blocks of 2 locations
+def test_forward_and_gradients_match_autograds_composition(monkeypatch, groups, per_channel, columns, block_bytes):
+    monkeypatch.setattr(mod, "_BLOCK_BYTES", block_bytes)
+    patches, scale, weight = _case(13, groups, per_channel, columns)
+    grad = torch.randn(13, weight.shape[0], dtype=F64)
+    leaves = [t.clone().requires_grad_() for t in (patches, scale, weight)]
+    if columns:  # clone() keeps the columns' strides
+        assert leaves[0].stride() == (1, 13)
+    expected = mod.modulate_composed(*leaves, groups, columns)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    with torch.no_grad():
+        torch.testing.assert_close(mod.modulate(patches, scale, weight, groups, columns), expected, rtol=0, atol=1e-12)
+    got_leaves = [t.clone().requires_grad_() for t in (patches, scale, weight)]
+    for values in (True, False):
+        out = mod.modulate(*got_leaves, groups, columns, values=values)
+        assert "ModulatedContraction" in type(out.grad_fn).__name__
+        assert out.shape == expected.shape and out.stride() == expected.stride()
+        if values:
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        got = torch.autograd.grad(out, got_leaves, grad)
+        for g, e in zip(got, expected_grads):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_only_the_wanted_gradients_are_made(columns):
+    patches, scale, weight = _case(7, 2, False, columns)
+    grad = torch.randn(7, weight.shape[0], dtype=F64)
+    for wanted in range(3):
+        leaves = [t.clone().requires_grad_(i == wanted) for i, t in enumerate((patches, scale, weight))]
+        reference = [t.clone().requires_grad_(i == wanted) for i, t in enumerate((patches, scale, weight))]
+        (got,) = torch.autograd.grad(mod.modulate(*leaves, 2, columns, values=False), [leaves[wanted]], grad)
+        (expected,) = torch.autograd.grad(mod.modulate_composed(*reference, 2, columns), [reference[wanted]], grad)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_the_users_tensors_are_not_modified():
+    patches, scale, weight = _case(9, 2, True, True)
+    before = [t.clone() for t in (patches, scale, weight)]
+    leaves = [t.requires_grad_() for t in (patches, scale, weight)]
+    torch.autograd.grad(mod.modulate(*leaves, 2, True), leaves, torch.ones(9, weight.shape[0], dtype=F64))
+    for t, b in zip((patches, scale, weight), before):
+        assert torch.equal(t.detach(), b)
+
+
+def test_half_precision_and_autocast_take_autograds_composition():
+    patches, scale, weight = _case(5, 1, False, False)
+    half = [t.to(torch.bfloat16).requires_grad_() for t in (patches, scale, weight)]
+    assert "ModulatedContraction" not in type(mod.modulate(*half, 1, False).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod.modulate(*(t.float().requires_grad_() for t in (patches, scale, weight)), 1, False)
+    assert "ModulatedContraction" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_an_empty_chunk(columns):
+    patches, scale, weight = _case(0, 1, False, columns)
+    with torch.no_grad():
+        assert mod.modulate(patches, scale, weight, 1, columns).shape == (0, weight.shape[0])
+    leaves = [t.requires_grad_() for t in (patches, scale, weight)]
+    grads = torch.autograd.grad(mod.modulate(*leaves, 1, columns), leaves, torch.ones(0, weight.shape[0], dtype=F64))
+    assert grads[2].abs().max() == 0
