@@ -1,8 +1,9 @@
-"""The modulated form's blocked contraction with its written-out gradients, against autograd's version."""
+"""The structured forms' contractions with written-out gradients (blocked or not), against autograd's versions."""
 
 import pytest
 import torch
 
+from chunkconv import forms
 from chunkconv import modulated as mod
 
 F64 = torch.float64
@@ -83,3 +84,27 @@ def test_an_empty_chunk(columns):
     leaves = [t.requires_grad_() for t in (patches, scale, weight)]
     grads = torch.autograd.grad(mod.modulate(*leaves, 1, columns), leaves, torch.ones(0, weight.shape[0], dtype=F64))
     assert grads[2].abs().max() == 0
+
+
+# The shared form's depthwise product: (patches * kernels).sum(taps), kernels broadcast over a group's channels
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_depthwise_forward_and_gradients_match_autograds_composition(columns):
+    rows, g, per_group, taps = 11, 2, 3, 5
+    gen = torch.Generator().manual_seed(1)
+    if columns:  # (G, C / G, K, B) x (G, 1, K, B), summed over the taps
+        shape_p, shape_k, dims = (g, per_group, taps, rows), (g, 1, taps, rows), (2, 1)
+    else:  # (B, G, C / G, K) x (B, G, 1, K)
+        shape_p, shape_k, dims = (rows, g, per_group, taps), (rows, g, 1, taps), (3, 2)
+    patches = torch.randn(shape_p, dtype=F64, generator=gen, requires_grad=True)
+    kernels = torch.randn(shape_k, dtype=F64, generator=gen, requires_grad=True)
+    expected = (patches * kernels).sum(dims[0])
+    grad = torch.randn(expected.shape, dtype=F64, generator=gen)
+    expected_grads = torch.autograd.grad(expected, (patches, kernels), grad)
+    for values in (True, False):
+        out = forms._Depthwise.apply(patches, kernels, *dims, values)
+        if values:
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        for got, e in zip(torch.autograd.grad(out, (patches, kernels), grad), expected_grads):
+            torch.testing.assert_close(got, e, rtol=0, atol=1e-12)
