@@ -32,8 +32,10 @@ from torch.autograd.function import once_differentiable
 __all__ = ["ModulatedContraction", "modulate", "modulate_composed"]
 
 # Bytes of one block's patch matrix on the CPU: its scaled copy and gradient stay in the caches
-# between the passes that write and read them. On a GPU a chunk is one block.
+# between the passes that write and read them. On a GPU a chunk is one block. A block keeps at
+# least _MIN_BLOCK_LOCATIONS locations, so that wide patches' GEMMs stay GEMMs.
 _BLOCK_BYTES = 2 << 20
+_MIN_BLOCK_LOCATIONS = 256
 
 
 def modulate(
@@ -105,7 +107,8 @@ class _Blocks:
         if patches.device.type != "cpu":
             self.block = max(1, self.rows)
         else:
-            self.block = max(1, min(self.rows, _BLOCK_BYTES // (self.p * patches.element_size())))
+            per_block = max(_MIN_BLOCK_LOCATIONS, _BLOCK_BYTES // (self.p * patches.element_size()))
+            self.block = max(1, min(self.rows, per_block))
 
     def ranges(self) -> range:
         """The first location of every block."""

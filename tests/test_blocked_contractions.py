@@ -25,6 +25,7 @@ def _case(rows, groups, per_channel, columns, seed=0):
 @pytest.mark.parametrize("block_bytes", [mod._BLOCK_BYTES, 2 * 8 * 8 * 2])  # one block; blocks of 2 locations
 def test_forward_and_gradients_match_autograds_composition(monkeypatch, groups, per_channel, columns, block_bytes):
     monkeypatch.setattr(mod, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(mod, "_MIN_BLOCK_LOCATIONS", 1)
     patches, scale, weight = _case(13, groups, per_channel, columns)
     grad = torch.randn(13, weight.shape[0], dtype=F64)
     leaves = [t.clone().requires_grad_() for t in (patches, scale, weight)]

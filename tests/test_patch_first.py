@@ -29,6 +29,7 @@ def _case(rows, groups, hidden, bias, columns, seed=0):
 @pytest.mark.parametrize("block_bytes", [pf._BLOCK_BYTES, 3 * 8 * 7])  # one block; blocks of 1-2 rows
 def test_forward_and_gradients_match_autograds_composition(monkeypatch, groups, bias, columns, block_bytes):
     monkeypatch.setattr(pf, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(pf, "_MIN_BLOCK_ROWS", 1)
     geom, patches, h, weight = _case(23, groups, 5, bias, columns)
     grad = torch.randn(23, geom.out_channels, dtype=F64)
     leaves = [t.clone().requires_grad_() for t in (patches, h, weight)]
@@ -87,3 +88,9 @@ def test_an_empty_chunk():
     out = pf.patch_first(*leaves, geom)
     grads = torch.autograd.grad(out, leaves, torch.ones(0, geom.out_channels, dtype=F64))
     assert grads[2].abs().max() == 0
+
+
+def test_a_wide_t_keeps_blocks_of_gemm_size():
+    wide = torch.empty(10_000, 8)  # a block of 4 MiB would be 4 rows of a T 2**18 values wide
+    assert pf._block_rows(wide, 1 << 18) == pf._MIN_BLOCK_ROWS
+    assert pf._block_rows(torch.empty(100, 8), 1 << 18) == 100

@@ -31,8 +31,10 @@ __all__ = ["PatchFirstContraction", "patch_first", "patch_first_composed"]
 
 # Bytes of T made at a time on the CPU: a block stays in the caches between the GEMM that writes
 # it and the products that read it (on the project's 2-core CPU, blocks of 2048-4096 rows of
-# O * H' = 528 float32 were ~20% faster than whole chunks). On a GPU a chunk is one block.
+# O * H' = 528 float32 were ~20% faster than whole chunks). On a GPU a chunk is one block. A
+# block keeps at least _MIN_BLOCK_ROWS rows, so that a wide T's GEMMs stay GEMMs.
 _BLOCK_BYTES = 4 << 20
+_MIN_BLOCK_ROWS = 256
 
 
 def patch_first(patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry, *, values: bool = True) -> Tensor:
@@ -74,7 +76,7 @@ def _block_rows(like: Tensor, width: int) -> int:
     rows = like.shape[0]
     if like.device.type != "cpu":
         return max(1, rows)
-    return max(1, min(rows, _BLOCK_BYTES // (width * like.element_size())))
+    return max(1, min(rows, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (width * like.element_size()))))
 
 
 def _blocked_forward(patches: Tensor, h: Tensor, weight: Tensor, out_channels: int) -> Tensor:
