@@ -51,7 +51,12 @@ METHODS = ("direct", "chunkconv")
 # an event per op and per allocation, and chunkconv's thousands of ops per chunk over hundreds of
 # chunks made the tracker itself run out of a 4 GiB cap (psf at 2048 x 2048).
 TRACKED_PIXELS = 1024 * 1024
-_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+# recorded with each run: threading, and the C allocator's (glibc's thresholds, a preloaded allocator),
+# which decide whether the direct code's large intermediates are faulted in afresh every step
+_ENV = (
+    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+    "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+)  # fmt: skip
 DEFAULT_LIMIT = 4 * 2**30
 
 

@@ -332,7 +332,8 @@ def render_layers_run(doc: dict, *, level: int = 2, intro: bool = True) -> str:
         + (
             ", ".join(f"`{k}={v}`" for k, v in doc["environment"].items())
             if doc.get("environment")
-            else "no OpenMP variables set (OpenMP threads spin-wait between parallel regions, the default)"
+            else "no OpenMP or allocator variables set (OpenMP threads spin-wait between parallel regions; "
+            "glibc's allocator returns large blocks to the kernel: the defaults)"
         )
         + ".",
         "",

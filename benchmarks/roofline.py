@@ -197,6 +197,7 @@ def run_roofline(
             useful = flops if mode == "fwd" else 3 * flops
             executed = flops if mode == "fwd" else 4 * flops
             fractions = [useful / ti / ri for ti, ri in zip(ts, paired)]
+            executed_fractions = [executed / ti / ri for ti, ri in zip(ts, paired)]
             record = {
                 "workload": wl.as_dict(),
                 "path": path,
@@ -208,7 +209,7 @@ def run_roofline(
                 "gemm_rates": paired,
                 "useful_fractions": fractions,
                 "useful_fraction": statistics.median(fractions),
-                "executed_fraction": statistics.median(fractions) * executed / useful,
+                "executed_fraction": statistics.median(executed_fractions),
             }
             doc["records"].append(record)
             log(
