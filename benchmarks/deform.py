@@ -300,13 +300,18 @@ def measure_deform_case(case: DeformCase) -> dict:
     wl, dev = case.workload, torch.device(case.device)
     torch.manual_seed(case.seed)
     k, s = wl.taps, wl.size
-    x = torch.randn(wl.batch, wl.channels, s, s, device=dev, requires_grad=True)
-    offset = (torch.randn(wl.batch, 2 * k, s, s, device=dev) * wl.offset_scale).requires_grad_()
-    mask = torch.rand(wl.batch, k, s, s, device=dev, requires_grad=True)
+    try:  # the inputs alone may not fit under the cap: every method then reads out of memory
+        x = torch.randn(wl.batch, wl.channels, s, s, device=dev, requires_grad=True)
+        offset = (torch.randn(wl.batch, 2 * k, s, s, device=dev) * wl.offset_scale).requires_grad_()
+        mask = torch.rand(wl.batch, k, s, s, device=dev, requires_grad=True)
+        grad_out = torch.randn(wl.batch, wl.out_channels, s, s, device=dev)
+    except Exception as error:
+        status, message = _failure(error)
+        failed = {m: {**_empty(), "status": status, "message": f"the inputs: {message}"} for m in case.methods}
+        return {"status": status, "message": None, "methods": failed}
     layer = chunkconv.ops.DeformConv2d(wl.channels, wl.out_channels, wl.kernel, padding=wl.kernel // 2)
     weight = layer.weight.detach().to(dev).requires_grad_()  # torchvision's initialisation
     bias = layer.bias.detach().to(dev).requires_grad_()
-    grad_out = torch.randn(wl.batch, wl.out_channels, s, s, device=dev)
     leaves = (x, offset, mask, weight, bias)
     pad = wl.kernel // 2
     args = (x, offset, weight, bias, (1, 1), (pad, pad), (1, 1), mask)
