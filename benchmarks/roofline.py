@@ -242,7 +242,8 @@ def render_roofline_run(doc: dict, *, level: int = 2) -> str:
         "(*useful*) and chunkconv executes 4x (*executed*: the forward is recomputed in backward). "
         f"The reference is a float32 GEMM `({m} x {k}) @ ({k} x {n})` timed in the same process just "
         "before each timed call; a fraction is the median over rounds of a call's FLOP rate over that "
-        "GEMM's rate, a time the median time (`benchmarks/roofline.py`).",
+        "GEMM's rate, a time the median time: the two are medians taken apart, so a fraction is not "
+        "the median time's rate over one GEMM rate (`benchmarks/roofline.py`).",
         "",
         f"- **Device**: {where}; torch {mc['torch']}; chunkconv {mc['chunkconv']} "
         f"(commit {mc.get('chunkconv_commit') or 'unknown'}).",

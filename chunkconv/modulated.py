@@ -32,10 +32,13 @@ from torch.autograd.function import once_differentiable
 __all__ = ["ModulatedContraction", "modulate", "modulate_composed"]
 
 # Bytes of one block's patch matrix on the CPU: its scaled copy and gradient stay in the caches
-# between the passes that write and read them. On a GPU a chunk is one block. A block keeps at
-# least _MIN_BLOCK_LOCATIONS locations, so that wide patches' GEMMs stay GEMMs.
+# between the passes that write and read them. On a GPU a chunk is one block.
 _BLOCK_BYTES = 2 << 20
-_MIN_BLOCK_LOCATIONS = 256
+# A block keeps at least this many locations: wide patches' GEMMs stay GEMMs, and, being no fewer
+# than the planner's largest CPU probe (chunkconv.measure.PROBE_ROWS), a chunk's memory grows
+# linearly with its locations over every probe, so the planner's line through the probes never
+# under-counts a chunk. tests/test_blocked_contractions.py holds the two together.
+_MIN_BLOCK_LOCATIONS = 1024
 
 
 def modulate(
@@ -138,6 +141,7 @@ class _Blocks:
             n = min(self.block, self.rows - start)
             scaled = self.x.narrow(self.loc, start, n) * self.s.narrow(self.loc, start, n)
             self.gemm(scaled, out.narrow(1 if self.columns else 0, start, n))
+            del scaled  # before the next block's is made
         return out.t() if self.columns else out
 
 
@@ -204,4 +208,5 @@ class ModulatedContraction(torch.autograd.Function):
                         grad_w[rows_k].addmm_(gb[rows_k], scaled[k * pg : (k + 1) * pg].t())
                     else:  # (Og, n) @ (n, Pg)
                         grad_w[rows_k].addmm_(gb[:, rows_k].t(), scaled[:, k * pg : (k + 1) * pg])
+                del scaled  # before the next block's gradient is made
         return grad_x, grad_s, grad_w, None, None, None

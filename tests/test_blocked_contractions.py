@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chunkconv import forms
 from chunkconv import modulated as mod
@@ -13,7 +14,11 @@ def _case(rows, groups, per_channel, columns, seed=0):
     c, o, taps = 2 * groups, 3 * groups, 4
     p = c * taps
     gen = torch.Generator().manual_seed(seed)
-    patches = torch.randn(p, rows, dtype=F64, generator=gen).t() if columns else torch.randn(rows, p, dtype=F64)
+    patches = (
+        torch.randn(p, rows, dtype=F64, generator=gen).t()
+        if columns
+        else torch.randn(rows, p, dtype=F64, generator=gen)
+    )
     scale = torch.randn(rows, p if per_channel else taps, dtype=F64, generator=gen)
     weight = torch.randn(o, p // groups, dtype=F64, generator=gen)
     return patches, scale, weight
@@ -43,6 +48,7 @@ def test_forward_and_gradients_match_autograds_composition(monkeypatch, groups, 
         if values:
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
         got = torch.autograd.grad(out, got_leaves, grad)
+        assert got[0].stride() == patches.stride()  # in the patches' layout
         for g, e in zip(got, expected_grads):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
@@ -51,12 +57,37 @@ def test_forward_and_gradients_match_autograds_composition(monkeypatch, groups, 
 def test_only_the_wanted_gradients_are_made(columns):
     patches, scale, weight = _case(7, 2, False, columns)
     grad = torch.randn(7, weight.shape[0], dtype=F64)
-    for wanted in range(3):
+    # GEMMs in backward (one block, two groups): W^T g for the patches' or the scalars' gradient; grad W
+    for wanted, gemms in zip(range(3), (2, 2, 2)):
         leaves = [t.clone().requires_grad_(i == wanted) for i, t in enumerate((patches, scale, weight))]
         reference = [t.clone().requires_grad_(i == wanted) for i, t in enumerate((patches, scale, weight))]
-        (got,) = torch.autograd.grad(mod.modulate(*leaves, 2, columns, values=False), [leaves[wanted]], grad)
+        out = mod.modulate(*leaves, 2, columns, values=False)
+        with _CountOps() as counted:
+            (got,) = torch.autograd.grad(out, [leaves[wanted]], grad)
+        assert counted.gemms == gemms
+        assert counted.products == 1  # gs * s; gs * x (then summed); x * s
         (expected,) = torch.autograd.grad(mod.modulate_composed(*reference, 2, columns), [reference[wanted]], grad)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.gemms = self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        self.gemms += func.overloadpacket in (aten.mm, aten.addmm, aten.addmm_)
+        self.products += func.overloadpacket in (aten.mul, aten.mul_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_block_is_never_smaller_than_the_planners_largest_probe():
+    # below it, memory would stop growing with the locations between two probes, and the planner's
+    # line through the probes would under-count the chunks in between
+    from chunkconv.measure import PROBE_ROWS
+
+    assert mod._MIN_BLOCK_LOCATIONS >= max(PROBE_ROWS["cpu"])
 
 
 def test_the_users_tensors_are_not_modified():

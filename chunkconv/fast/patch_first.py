@@ -31,10 +31,13 @@ __all__ = ["PatchFirstContraction", "patch_first", "patch_first_composed"]
 
 # Bytes of T made at a time on the CPU: a block stays in the caches between the GEMM that writes
 # it and the products that read it (on the project's 2-core CPU, blocks of 2048-4096 rows of
-# O * H' = 528 float32 were ~20% faster than whole chunks). On a GPU a chunk is one block. A
-# block keeps at least _MIN_BLOCK_ROWS rows, so that a wide T's GEMMs stay GEMMs.
+# O * H' = 528 float32 were ~20% faster than whole chunks). On a GPU a chunk is one block.
 _BLOCK_BYTES = 4 << 20
-_MIN_BLOCK_ROWS = 256
+# A block keeps at least this many rows: a wide T's GEMMs stay GEMMs, and, being no fewer than the
+# planner's largest CPU probe (chunkconv.measure.PROBE_ROWS), a chunk's memory grows linearly with
+# its rows over every probe, so the planner's line through the probes never under-counts a chunk
+# (past one block it over-counts). tests/test_patch_first.py holds the two together.
+_MIN_BLOCK_ROWS = 1024
 
 
 def patch_first(patches: Tensor, h: Tensor, weight: Tensor, geom: ConvGeometry, *, values: bool = True) -> Tensor:
@@ -106,7 +109,8 @@ class PatchFirstContraction(torch.autograd.Function):
     together with everything that reads it. Per block and group, with ``g`` the output's gradient:
     ``T = x @ W``, ``grad h' = sum_o g[o] T[o, :]``, ``U = g (x) h'`` (a broadcast product),
     ``grad W += x^T @ U`` and ``grad x = U @ W^T``. The forward under grad (backward's recompute,
-    ``values=False``) then does no work at all, and no chunk ever holds a whole ``T``.
+    ``values=False``) then does no work at all, and on the CPU a chunk larger than a block never
+    holds a whole ``T``.
     """
 
     @staticmethod
