@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -60,10 +59,10 @@ from chunkconv.budget import format_bytes, parse_budget
 from chunkconv.deform_reference import deform_conv_reference
 from chunkconv.memory import MemoryTracker
 
-from .isolation import IsolatedWorker
-from .layers_cpu import _failure, _plan_summary
-from .measure import _read_hwm, _reset_hwm, set_tf32
-from .runner import machine_info
+from .isolation import IsolatedWorker, run_methods
+from .layers_cpu import _plan_summary
+from .measure import _read_hwm, _reset_hwm, failure, set_tf32
+from .runner import machine_info, write_json
 
 __all__ = [
     "METHODS",
@@ -300,15 +299,10 @@ def measure_deform_case(case: DeformCase) -> dict:
     wl, dev = case.workload, torch.device(case.device)
     torch.manual_seed(case.seed)
     k, s = wl.taps, wl.size
-    try:  # the inputs alone may not fit under the cap: every method then reads out of memory
-        x = torch.randn(wl.batch, wl.channels, s, s, device=dev, requires_grad=True)
-        offset = (torch.randn(wl.batch, 2 * k, s, s, device=dev) * wl.offset_scale).requires_grad_()
-        mask = torch.rand(wl.batch, k, s, s, device=dev, requires_grad=True)
-        grad_out = torch.randn(wl.batch, wl.out_channels, s, s, device=dev)
-    except Exception as error:
-        status, message = _failure(error)
-        failed = {m: {**_empty(), "status": status, "message": f"the inputs: {message}"} for m in case.methods}
-        return {"status": status, "message": None, "methods": failed}
+    x = torch.randn(wl.batch, wl.channels, s, s, device=dev, requires_grad=True)
+    offset = (torch.randn(wl.batch, 2 * k, s, s, device=dev) * wl.offset_scale).requires_grad_()
+    mask = torch.rand(wl.batch, k, s, s, device=dev, requires_grad=True)
+    grad_out = torch.randn(wl.batch, wl.out_channels, s, s, device=dev)
     layer = chunkconv.ops.DeformConv2d(wl.channels, wl.out_channels, wl.kernel, padding=wl.kernel // 2)
     weight = layer.weight.detach().to(dev).requires_grad_()  # torchvision's initialisation
     bias = layer.bias.detach().to(dev).requires_grad_()
@@ -347,7 +341,7 @@ def measure_deform_case(case: DeformCase) -> dict:
             results[method]["first_s"] = step(method)
             alive.append(method)
         except Exception as error:
-            results[method]["status"], results[method]["message"] = _failure(error)
+            results[method]["status"], results[method]["message"] = failure(error)
             clear(collect=True)
     if "chunkconv" in alive:
         try:
@@ -366,7 +360,7 @@ def measure_deform_case(case: DeformCase) -> dict:
             try:
                 times.append(step(method))
             except Exception as error:  # e.g. out of memory under the cap on a later call
-                results[method]["status"], results[method]["message"] = _failure(error)
+                results[method]["status"], results[method]["message"] = failure(error)
                 alive.remove(method)
                 clear(collect=True)
                 continue
@@ -392,7 +386,7 @@ def measure_deform_case(case: DeformCase) -> dict:
                 step(method)
                 r["memory_message"] = "not tracked: the peak is the resident set's"
         except Exception as error:  # the times stand; the peak is unknown
-            r["memory_message"] = "{}: {}".format(*_failure(error))
+            r["memory_message"] = "{}: {}".format(*failure(error))
             clear(collect=True)
             continue
         hwm = _read_hwm() if rss_start is not None else None
@@ -418,12 +412,6 @@ class DeformSettings:
     case_timeout: float = 900.0
     threads: int | None = 2
     note: str | None = None
-
-
-def _write(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
 
 
 def _peak(r: dict) -> int | None:
@@ -486,11 +474,7 @@ def run_deform(settings: DeformSettings, out: Path, *, log: Callable[[str], None
         worker = IsolatedWorker(limit, settings.case_timeout, settings.threads, str(out.with_suffix(".stderr.log")))
 
     def measure(case: DeformCase) -> dict:
-        result = worker.run(case) if worker is not None else case.run()
-        if "methods" not in result:  # the child died or timed out: every method of the case shares its fate
-            result["methods"] = {m: {**_empty(), "status": result["status"], "message": result["message"]}
-                                 for m in case.methods}  # fmt: skip
-        return result["methods"]
+        return run_methods(worker, case, _empty)
 
     measured: dict[str, tuple[DeformWorkload, int]] = {}  # method -> its first measured size and peak
     sizes_done: set[int] = set()
@@ -525,7 +509,7 @@ def run_deform(settings: DeformSettings, out: Path, *, log: Callable[[str], None
                 if peak is not None and method not in measured:
                     measured[method] = (wl, peak)
             doc["measurements"].append(record)
-            _write(out, doc)
+            write_json(out, doc)
             log(
                 f"[{i}/{len(chosen)}] {wl.name}: "
                 + "; ".join(f"{m} {_summary(r)}" for m, r in record["methods"].items())
@@ -535,7 +519,7 @@ def run_deform(settings: DeformSettings, out: Path, *, log: Callable[[str], None
             worker.close()
     doc["machine"]["load_average_end"] = list(os.getloadavg())
     doc["elapsed_s"] = time.perf_counter() - started
-    _write(out, doc)
+    write_json(out, doc)
     return doc
 
 

@@ -23,18 +23,25 @@ import multiprocessing as mp
 import os
 import resource
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Protocol
 
-from .measure import Case
+from .measure import Case, failure
 
-__all__ = ["RETAINED_LIMIT", "IsolatedWorker", "Measurable", "address_space_bytes"]
+__all__ = ["RETAINED_LIMIT", "IsolatedWorker", "Measurable", "MethodsCase", "address_space_bytes", "run_methods"]
 
 
 class Measurable(Protocol):
     """What a worker runs: picklable, ``run()`` measures in the current process."""
 
     def run(self) -> dict: ...
+
+
+class MethodsCase(Measurable, Protocol):
+    """A case that measures several methods side by side (the layers and deform suites)."""
+
+    methods: tuple[str, ...]
 
 
 # A child still mapping this much more than after its warm-up is replaced before the next case.
@@ -82,7 +89,10 @@ def _serve(conn: Connection, limit_bytes: int | None, threads: int | None, log_p
             return
         if case is None:
             return
-        result = case.run()
+        try:
+            result = case.run()
+        except Exception as error:  # outside the case's own measurement, e.g. making its inputs under the cap
+            result = dict(zip(("status", "message"), failure(error)))
         gc.collect()
         _malloc_trim()
         result["retained_bytes"] = address_space_bytes() - baseline
@@ -95,6 +105,22 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def run_methods(worker: IsolatedWorker | None, case: MethodsCase, empty: Callable[[], dict]) -> dict[str, dict]:
+    """Measure ``case`` in ``worker`` (or in this process without one); return its methods' records.
+
+    A case that failed as a whole (it raised, or its child died or timed out) gives every one of
+    its ``case.methods`` its status and message, in records made by ``empty``.
+    """
+    try:
+        result = worker.run(case) if worker is not None else case.run()
+    except Exception as error:  # in this process: as the child reports it
+        result = dict(zip(("status", "message"), failure(error)))
+    if "methods" not in result:
+        fate = {"status": result["status"], "message": result["message"]}
+        result["methods"] = {m: {**empty(), **fate} for m in case.methods}
+    return result["methods"]
 
 
 class IsolatedWorker:

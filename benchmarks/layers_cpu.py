@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -38,11 +37,11 @@ import torch
 from chunkconv.budget import format_bytes
 from chunkconv.memory import MemoryTracker
 
-from .isolation import IsolatedWorker
+from .isolation import IsolatedWorker, run_methods
 from .layers import LayerWorkload, build_layer, workloads
-from .measure import _read_hwm, _reset_hwm, is_out_of_memory
+from .measure import _read_hwm, _reset_hwm, failure
 from .report import render_layers_run
-from .runner import machine_info
+from .runner import machine_info, write_json
 
 __all__ = ["LayerCase", "LayerSettings", "measure_layer_case", "run_layers"]
 
@@ -83,11 +82,6 @@ class LayerCase:
 def _empty() -> dict:
     return {"status": "ok", "message": None, "first_s": None, "times_s": [], "median_s": None, "warm": None,
             "peak_bytes": None, "memory_message": None, "rss_peak_bytes": None, "info": {}}  # fmt: skip
-
-
-def _failure(error: BaseException) -> tuple[str, str]:
-    status = "oom" if is_out_of_memory(error) else "error"
-    return status, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
 
 
 def _plan_summary(plan: object) -> str:
@@ -146,7 +140,7 @@ def measure_layer_case(case: LayerCase) -> dict:
             results[method]["first_s"] = step(method)
             alive.append(method)
         except Exception as error:
-            results[method]["status"], results[method]["message"] = _failure(error)
+            results[method]["status"], results[method]["message"] = failure(error)
             clear(collect=True)
     if "chunkconv" in alive:
         try:
@@ -162,7 +156,7 @@ def measure_layer_case(case: LayerCase) -> dict:
             try:
                 times.append(step(method))
             except Exception as error:  # e.g. out of memory under the cap on a later call: the method failed
-                results[method]["status"], results[method]["message"] = _failure(error)
+                results[method]["status"], results[method]["message"] = failure(error)
                 alive.remove(method)
                 clear(collect=True)
                 continue
@@ -179,7 +173,7 @@ def measure_layer_case(case: LayerCase) -> dict:
                     step(method)
                 r["peak_bytes"] = tracker.peak
             except Exception as error:  # the times stand; the peak is unknown
-                r["memory_message"] = "{}: {}".format(*_failure(error))
+                r["memory_message"] = "{}: {}".format(*failure(error))
                 clear(collect=True)
                 continue
         else:
@@ -219,12 +213,6 @@ def _predicted_direct(wl: LayerWorkload, measured: dict[str, tuple[LayerWorkload
     return round(peak * (wl.batch * wl.size**2) / (small.batch * small.size**2))
 
 
-def _write(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-
-
 def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None] = print) -> dict:
     """Measure every workload of ``settings``, writing the run's JSON to ``out`` after each one."""
     if settings.threads is not None:
@@ -257,11 +245,7 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
         worker = IsolatedWorker(limit, settings.case_timeout, settings.threads, str(out.with_suffix(".stderr.log")))
 
     def measure(case: LayerCase) -> dict:
-        result = worker.run(case) if worker is not None else case.run()
-        if "methods" not in result:  # the child died or timed out: every method of the case shares its fate
-            result["methods"] = {m: {**_empty(), "status": result["status"], "message": result["message"]}
-                                 for m in case.methods}  # fmt: skip
-        return result["methods"]
+        return run_methods(worker, case, _empty)
 
     measured: dict[str, tuple[LayerWorkload, int]] = {}
     try:
@@ -281,7 +265,7 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
             if direct["status"] == "ok" and direct["peak_bytes"] is not None and wl.layer not in measured:
                 measured[wl.layer] = (wl, direct["peak_bytes"])
             doc["measurements"].append(record)
-            _write(out, doc)
+            write_json(out, doc)
             summary = "; ".join(f"{m} {_summary(r)}" for m, r in record["methods"].items())
             log(f"[{i}/{len(chosen)}] {wl.name}: {summary}")
     finally:
@@ -289,7 +273,7 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
             worker.close()
     doc["machine"]["load_average_end"] = list(os.getloadavg())
     doc["elapsed_s"] = time.perf_counter() - started
-    _write(out, doc)
+    write_json(out, doc)
     return doc
 
 

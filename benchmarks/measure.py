@@ -26,7 +26,7 @@ from chunkconv.memory import MemoryTracker
 from .methods import Method
 from .workloads import Workload
 
-__all__ = ["Case", "is_out_of_memory", "run_case"]
+__all__ = ["Case", "failure", "is_out_of_memory", "run_case"]
 
 _OOM_MARKERS = (
     "out of memory",
@@ -77,6 +77,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
     return isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in _OOM_MARKERS)
+
+
+def failure(error: BaseException) -> tuple[str, str]:
+    """A measurement's ``status`` (``"oom"`` or ``"error"``) and one-line ``message`` for an exception."""
+    status = "oom" if is_out_of_memory(error) else "error"
+    return status, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
 
 
 def _layer(wl: Workload, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Parameter]:
@@ -133,8 +139,7 @@ def run_case(case: Case) -> dict:
     try:
         _measure(case, device, dtype, result)
     except Exception as error:
-        result["status"] = "oom" if is_out_of_memory(error) else "error"
-        result["message"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+        result["status"], result["message"] = failure(error)
     finally:
         if result["status"] != "ok":  # the failed call's tensors may sit in reference cycles via its traceback
             gc.collect()

@@ -32,7 +32,7 @@ from .measure import Case, run_case, set_tf32
 from .methods import Method, chunkconv_supports, default_methods
 from .workloads import MODES, Workload, anchors, smoke, sweep
 
-__all__ = ["SUITES", "Settings", "machine_info", "plan_cases", "run"]
+__all__ = ["SUITES", "Settings", "machine_info", "plan_cases", "run", "write_json"]
 
 SUITES = ("smoke", "anchors", "sweep", "all")
 SCHEMA = 1
@@ -151,7 +151,8 @@ def _default_limit(device: str) -> int:
     return min(8 * 2**30, psutil.virtual_memory().available // 2)
 
 
-def _write(path: Path, doc: dict) -> None:
+def write_json(path: Path, doc: dict) -> None:
+    """Write a run's JSON through a temporary file, so that a killed run leaves the last whole one."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(path)
@@ -196,14 +197,14 @@ def run(settings: Settings, out: Path, *, log: Callable[[str], None] = print) ->
         for i, case in enumerate(cases, 1):
             record = _measure_one(case, limit, settings, worker, failed, started)
             doc["measurements"].append(record)
-            _write(out, doc)
+            write_json(out, doc)
             log(f"[{i}/{len(cases)}] {case.key()}: {_summary(record)}")
     finally:
         if worker is not None:
             worker.close()
     doc["machine"]["load_average_end"] = list(os.getloadavg())
     doc["elapsed_s"] = time.perf_counter() - started
-    _write(out, doc)
+    write_json(out, doc)
     return doc
 
 
