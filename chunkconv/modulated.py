@@ -96,14 +96,8 @@ class _Blocks:
         self.rows, self.p = patches.shape
         self.groups, self.columns = groups, columns
         self.out_channels = weight.shape[0]
-        width = scale.shape[1]
-        channels = self.p // width  # C' (1 with per-channel scalars)
-        if columns:
-            self.x = patches.t().view(channels, width, self.rows)  # views: gradients are written through them
-            self.s = scale.t().unsqueeze(0)
-        else:
-            self.x = patches.view(self.rows, channels, width)
-            self.s = scale.view(self.rows, 1, width)
+        self.width = scale.shape[1]  # K'
+        self.x, self.s = self.patch_view(patches), self.scale_view(scale)
         self.weight = weight
         self.loc = 2 if columns else 0  # the locations' dimension of x and s
         self.channel = 0 if columns else 1
@@ -112,6 +106,18 @@ class _Blocks:
         else:
             per_block = max(_MIN_BLOCK_LOCATIONS, _BLOCK_BYTES // (self.p * patches.element_size()))
             self.block = max(1, min(self.rows, per_block))
+
+    def patch_view(self, t: Tensor) -> Tensor:
+        """A patch-shaped ``(B, P)`` tensor (the patches, or their gradient) as ``(C', K', B)`` or ``(B, C', K')``.
+
+        A view: gradients are written through it.
+        """
+        channels = self.p // self.width  # C' (1 with per-channel scalars)
+        return t.t().view(channels, self.width, self.rows) if self.columns else t.view(self.rows, channels, self.width)
+
+    def scale_view(self, t: Tensor) -> Tensor:
+        """A scalar-shaped ``(B, K')`` tensor (the scalars, or their gradient) as ``(1, K', B)`` or ``(B, 1, K')``."""
+        return t.t().unsqueeze(0) if self.columns else t.view(self.rows, 1, self.width)
 
     def ranges(self) -> range:
         """The first location of every block."""
@@ -158,9 +164,8 @@ class ModulatedContraction(torch.autograd.Function):
         """Save the inputs; the output ``(B, O)``, or an unset one without ``values``."""
         ctx.save_for_backward(patches, scale, weight)
         ctx.layout = (groups, columns)
-        blocks = _Blocks(patches, scale, weight, groups, columns)
         if values:
-            return blocks.forward()
+            return _Blocks(patches, scale, weight, groups, columns).forward()
         o = weight.shape[0]
         return patches.new_empty(o, patches.shape[0]).t() if columns else patches.new_empty(patches.shape[0], o)
 
@@ -178,8 +183,8 @@ class ModulatedContraction(torch.autograd.Function):
             grad_x = patches.new_empty(p, rows).t() if columns else patches.new_empty(rows, p)
         grad_s = torch.empty_like(scale) if want_s else None
         grad_w = torch.zeros_like(weight) if want_w else None
-        gx = None if grad_x is None else _Blocks(grad_x, scale, weight, groups, columns).x
-        gsc = None if grad_s is None else _Blocks(patches, grad_s, weight, groups, columns).s
+        gx = None if grad_x is None else b.patch_view(grad_x)
+        gsc = None if grad_s is None else b.scale_view(grad_s)
         g = grad_out.t() if columns else grad_out  # (O, B) or (B, O)
         og, pg = weight.shape[0] // groups, b.p // groups
         for start in b.ranges():
