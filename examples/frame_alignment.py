@@ -316,6 +316,19 @@ def _show(img: Tensor):
     return img.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def _save(fig, axes, path: Path, dpi: int) -> Path:
+    """Axes without ticks; the figure written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def colour_wheel(size: int = 41) -> Tensor:
     r = torch.linspace(-1, 1, size)
     dy, dx = torch.meshgrid(r, r, indexing="ij")
@@ -355,13 +368,7 @@ def save_figure(path: Path, pair: dict[str, Tensor], results: dict[str, Tensor],
     inset = axes[1, 4].inset_axes((0.74, 0.74, 0.25, 0.25))
     inset.imshow(_show(colour_wheel()), interpolation="bilinear")
     inset.set_axis_off()
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return path
+    return _save(fig, axes.flat, path, dpi=72)
 
 
 def pick_pixels(pair: dict[str, Tensor], count: int = 3) -> list[tuple[int, int]]:
@@ -420,13 +427,7 @@ def save_sampling_figure(
         error = math.hypot(cy - ty, cx - tx)
         ax.set_title(f"{n}: output pixel ({y}, {x})\ncentroid {error:.2f} px from the match", fontsize=9)
     fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=8, frameon=False)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, dpi=80)
 
 
 # ---------------------------------------------------------------------------------------------
