@@ -42,7 +42,6 @@ import datetime as dt
 import gc
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +60,7 @@ from chunkconv.memory import MemoryTracker
 
 from .isolation import IsolatedWorker, run_methods
 from .layers_cpu import _plan_summary
-from .measure import _read_hwm, _reset_hwm, failure, set_tf32
+from .measure import _read_hwm, _reset_hwm, failure, set_tf32, time_alternating, warm_up
 from .runner import machine_info, write_json
 
 __all__ = [
@@ -335,14 +334,7 @@ def measure_deform_case(case: DeformCase) -> dict:
         clear()  # every call starts without gradients: their allocation is part of its cost
         return elapsed
 
-    alive = []
-    for method in case.methods:  # warm-up; chunkconv's first call also plans
-        try:
-            results[method]["first_s"] = step(method)
-            alive.append(method)
-        except Exception as error:
-            results[method]["status"], results[method]["message"] = failure(error)
-            clear(collect=True)
+    alive = warm_up(case.methods, results, step, clear)  # chunkconv's first call also plans
     if "chunkconv" in alive:
         try:
             plan = chunkconv.plan(x, chunkconv.ops._ones(k), wl.out_channels, wl.kernel, bias, padding=pad,
@@ -351,25 +343,9 @@ def measure_deform_case(case: DeformCase) -> dict:
             results["chunkconv"]["info"]["plan_summary"] = _plan_summary(plan)
         except Exception as error:  # a report detail: never fail a measurement over it
             results["chunkconv"]["info"]["plan_summary"] = f"(plan unavailable: {type(error).__name__}: {error})"
-    spent = {m: results[m]["first_s"] for m in alive}
-    for _ in range(case.repeats):  # alternate: chunkconv, torchvision, grid_sample, chunkconv, ...
-        for method in list(alive):
-            times = results[method]["times_s"]
-            if spent[method] + (statistics.median(times) if times else results[method]["first_s"]) > case.max_seconds:
-                continue
-            try:
-                times.append(step(method))
-            except Exception as error:  # e.g. out of memory under the cap on a later call
-                results[method]["status"], results[method]["message"] = failure(error)
-                alive.remove(method)
-                clear(collect=True)
-                continue
-            spent[method] += times[-1]
+    time_alternating(alive, results, step, clear, case.repeats, case.max_seconds)  # chunkconv, torchvision, ...
     for method in alive:
         r = results[method]
-        r["warm"] = bool(r["times_s"])
-        r["times_s"] = r["times_s"] or [r["first_s"]]
-        r["median_s"] = statistics.median(r["times_s"])
         rss_start = _reset_hwm() if dev.type == "cpu" else None
         try:
             if case.track or dev.type == "cuda":

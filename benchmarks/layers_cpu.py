@@ -25,7 +25,6 @@ import datetime as dt
 import gc
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from chunkconv.memory import MemoryTracker
 
 from .isolation import IsolatedWorker, run_methods
 from .layers import LayerWorkload, build_layer, workloads
-from .measure import _read_hwm, _reset_hwm, failure
+from .measure import _read_hwm, _reset_hwm, failure, time_alternating, warm_up
 from .report import render_layers_run
 from .runner import machine_info, write_json
 
@@ -134,38 +133,15 @@ def measure_layer_case(case: LayerCase) -> dict:
         if collect:  # after a failure: what the failed call held
             gc.collect()
 
-    alive = []
-    for method in case.methods:  # warm-up; chunkconv's first call also plans (measures its generator)
-        try:
-            results[method]["first_s"] = step(method)
-            alive.append(method)
-        except Exception as error:
-            results[method]["status"], results[method]["message"] = failure(error)
-            clear(collect=True)
+    alive = warm_up(case.methods, results, step, clear)  # chunkconv's first call also plans (measures its generator)
     if "chunkconv" in alive:
         try:
             results["chunkconv"]["info"]["plan_summary"] = _plan_summary(layer.plan(x, budget=wl.budget, **side))
         except Exception as error:  # a report detail: never fail a measurement over it
             results["chunkconv"]["info"]["plan_summary"] = f"(plan unavailable: {type(error).__name__}: {error})"
-    spent = {m: results[m]["first_s"] for m in alive}
-    for _ in range(case.repeats):  # alternate: direct, chunkconv, direct, chunkconv, ...
-        for method in list(alive):
-            times = results[method]["times_s"]
-            if spent[method] + (statistics.median(times) if times else results[method]["first_s"]) > case.max_seconds:
-                continue
-            try:
-                times.append(step(method))
-            except Exception as error:  # e.g. out of memory under the cap on a later call: the method failed
-                results[method]["status"], results[method]["message"] = failure(error)
-                alive.remove(method)
-                clear(collect=True)
-                continue
-            spent[method] += times[-1]
+    time_alternating(alive, results, step, clear, case.repeats, case.max_seconds)  # direct, chunkconv, direct, ...
     for method in alive:
         r = results[method]
-        r["warm"] = bool(r["times_s"])
-        r["times_s"] = r["times_s"] or [r["first_s"]]
-        r["median_s"] = statistics.median(r["times_s"])
         rss_start = _reset_hwm()
         if case.track:
             try:

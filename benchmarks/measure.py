@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from chunkconv.memory import MemoryTracker
 from .methods import Method
 from .workloads import Workload
 
-__all__ = ["Case", "failure", "is_out_of_memory", "run_case"]
+__all__ = ["Case", "failure", "is_out_of_memory", "run_case", "time_alternating", "warm_up"]
 
 _OOM_MARKERS = (
     "out of memory",
@@ -83,6 +84,53 @@ def failure(error: BaseException) -> tuple[str, str]:
     """A measurement's ``status`` (``"oom"`` or ``"error"``) and one-line ``message`` for an exception."""
     status = "oom" if is_out_of_memory(error) else "error"
     return status, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+
+
+def warm_up(methods: tuple[str, ...], results: dict[str, dict], step: Callable[[str], float],
+            clear: Callable[[bool], None]) -> list[str]:  # fmt: skip
+    """Call each method once (``first_s``); one that raises is marked failed. Return those that ran.
+
+    ``results`` holds a record per method; ``step(method)`` times one call; ``clear(True)`` frees
+    what a failed call held.
+    """
+    alive = []
+    for method in methods:
+        try:
+            results[method]["first_s"] = step(method)
+            alive.append(method)
+        except Exception as error:
+            results[method]["status"], results[method]["message"] = failure(error)
+            clear(True)
+    return alive
+
+
+def time_alternating(alive: list[str], results: dict[str, dict], step: Callable[[str], float],
+                     clear: Callable[[bool], None], repeats: int, max_seconds: float) -> None:  # fmt: skip
+    """Time the methods in ``alive`` round after round, alternating, each within ``max_seconds``.
+
+    A method that raises (e.g. out of memory under the cap on a later call) is marked failed and
+    removed from ``alive``. Then each record has its ``times_s`` (the warm-up alone when there was
+    no time for more, and ``warm`` false), and ``median_s``.
+    """
+    spent = {m: results[m]["first_s"] for m in alive}
+    for _ in range(repeats):
+        for method in list(alive):
+            times = results[method]["times_s"]
+            if spent[method] + (statistics.median(times) if times else results[method]["first_s"]) > max_seconds:
+                continue
+            try:
+                times.append(step(method))
+            except Exception as error:
+                results[method]["status"], results[method]["message"] = failure(error)
+                alive.remove(method)
+                clear(True)
+                continue
+            spent[method] += times[-1]
+    for method in alive:
+        r = results[method]
+        r["warm"] = bool(r["times_s"])
+        r["times_s"] = r["times_s"] or [r["first_s"]]
+        r["median_s"] = statistics.median(r["times_s"])
 
 
 def _layer(wl: Workload, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Parameter]:
