@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import os
 import shlex
 import sys
 import time
@@ -61,7 +60,7 @@ from chunkconv.memory import MemoryTracker
 from .isolation import IsolatedWorker, run_methods
 from .layers_cpu import _plan_summary
 from .measure import _read_hwm, _reset_hwm, failure, set_tf32, time_alternating, warm_up
-from .runner import machine_info, write_json
+from .runner import finish_run, machine_info, write_json, write_page
 
 __all__ = [
     "METHODS",
@@ -493,10 +492,7 @@ def run_deform(settings: DeformSettings, out: Path, *, log: Callable[[str], None
     finally:
         if worker is not None:
             worker.close()
-    doc["machine"]["load_average_end"] = list(os.getloadavg())
-    doc["elapsed_s"] = time.perf_counter() - started
-    write_json(out, doc)
-    return doc
+    return finish_run(doc, out, started)
 
 
 def _torchvision_version() -> str | None:
@@ -675,8 +671,5 @@ def main_deform(args: argparse.Namespace) -> int:
     stem = args.name or f"{args.device.replace(':', '')}-deform-{dt.datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.out)
     doc = run_deform(settings, out / f"{stem}.json")
-    page = render_deform_run(doc)
-    (out / f"{stem}.md").write_text(page)
-    print(page)
-    print(f"wrote {out / stem}.json, .md")
+    write_page(out, stem, render_deform_run(doc))
     return 0

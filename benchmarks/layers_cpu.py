@@ -40,7 +40,7 @@ from .isolation import IsolatedWorker, run_methods
 from .layers import LayerWorkload, build_layer, workloads
 from .measure import _read_hwm, _reset_hwm, failure, time_alternating, warm_up
 from .report import render_layers_run
-from .runner import machine_info, write_json
+from .runner import finish_run, machine_info, write_json, write_page
 
 __all__ = ["LayerCase", "LayerSettings", "measure_layer_case", "run_layers"]
 
@@ -247,10 +247,7 @@ def run_layers(settings: LayerSettings, out: Path, *, log: Callable[[str], None]
     finally:
         if worker is not None:
             worker.close()
-    doc["machine"]["load_average_end"] = list(os.getloadavg())
-    doc["elapsed_s"] = time.perf_counter() - started
-    write_json(out, doc)
-    return doc
+    return finish_run(doc, out, started)
 
 
 def _summary(r: dict) -> str:
@@ -280,8 +277,5 @@ def main_layers(args) -> int:
     stem = args.name or f"cpu-layers-{dt.datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.out)
     doc = run_layers(settings, out / f"{stem}.json")
-    page = render_layers_run(doc)
-    (out / f"{stem}.md").write_text(page)
-    print(page)
-    print(f"wrote {out / stem}.json, .md")
+    write_page(out, stem, render_layers_run(doc))
     return 0

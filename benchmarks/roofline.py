@@ -23,7 +23,6 @@ Benchmarks report; nothing here asserts a rate.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shlex
 import statistics
 import sys
@@ -38,7 +37,7 @@ from torch import nn
 import chunkconv
 
 from .measure import set_tf32
-from .runner import machine_info
+from .runner import machine_info, write_json, write_page
 from .workloads import ANCHORS, Workload
 
 __all__ = ["ROOFLINE_WORKLOADS", "first_call", "forward_flops", "gemm_rate", "render_roofline_run", "run_roofline"]
@@ -299,8 +298,6 @@ def main_roofline(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.device.replace(':', '')}-roofline-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    (out / f"{stem}.md").write_text(render_roofline_run(doc))
-    print(render_roofline_run(doc))
-    print(f"wrote {out / stem}.json, .md")
+    write_json(out / f"{stem}.json", doc)
+    write_page(out, stem, render_roofline_run(doc))
     return 0

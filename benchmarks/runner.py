@@ -32,7 +32,7 @@ from .measure import Case, run_case, set_tf32
 from .methods import Method, chunkconv_supports, default_methods
 from .workloads import MODES, Workload, anchors, smoke, sweep
 
-__all__ = ["SUITES", "Settings", "machine_info", "plan_cases", "run", "write_json"]
+__all__ = ["SUITES", "Settings", "machine_info", "plan_cases", "finish_run", "run", "write_json", "write_page"]
 
 SUITES = ("smoke", "anchors", "sweep", "all")
 SCHEMA = 1
@@ -151,6 +151,21 @@ def _default_limit(device: str) -> int:
     return min(8 * 2**30, psutil.virtual_memory().available // 2)
 
 
+def finish_run(doc: dict, out: Path, started: float) -> dict:
+    """Stamp a run's end (load average, elapsed seconds since ``started``), write it to ``out``, return it."""
+    doc["machine"]["load_average_end"] = list(os.getloadavg())
+    doc["elapsed_s"] = time.perf_counter() - started
+    write_json(out, doc)
+    return doc
+
+
+def write_page(out: Path, stem: str, page: str) -> None:
+    """Write a run's Markdown beside its JSON (``out/stem.md``) and print it."""
+    (out / f"{stem}.md").write_text(page)
+    print(page)
+    print(f"wrote {out / stem}.json, .md")
+
+
 def write_json(path: Path, doc: dict) -> None:
     """Write a run's JSON through a temporary file, so that a killed run leaves the last whole one."""
     tmp = path.with_suffix(".json.tmp")
@@ -202,10 +217,7 @@ def run(settings: Settings, out: Path, *, log: Callable[[str], None] = print) ->
     finally:
         if worker is not None:
             worker.close()
-    doc["machine"]["load_average_end"] = list(os.getloadavg())
-    doc["elapsed_s"] = time.perf_counter() - started
-    write_json(out, doc)
-    return doc
+    return finish_run(doc, out, started)
 
 
 def _measure_one(
